@@ -1,0 +1,459 @@
+//! The credentials cache: moka storage, single-flight partner lookups, and the freshness policy.
+//!
+//! - Entries are keyed by a keyed hash of the normalized e-mail ([`CacheKey`]); the address itself
+//!   is never stored as a key.
+//! - Found customers are stored pre-serialized (`Bytes`), so a hit is a reference-count bump.
+//! - Freshness is judged from the entry's own `stored_at` against an injectable [`Clock`]; moka
+//!   only reclaims memory, keeping each entry for its TTL plus the longest stale window.
+//! - Misses for one key share one partner call. The call runs in its own task and completes for
+//!   every waiter even when the caller that started it goes away.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use moka::sync::Cache;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::config::CacheSettings;
+use crate::domain::CustomerEmail;
+use crate::partner::{PartnerAnswer, PartnerError, SkypostalClient};
+
+/// A time source for freshness decisions; tests move it forward instead of sleeping.
+#[derive(Clone, Debug, Default)]
+pub struct Clock {
+    /// Added to the real monotonic clock; only a manual clock has one.
+    skew: Option<Arc<AtomicU64>>,
+}
+
+impl Clock {
+    /// The real monotonic clock.
+    pub fn system() -> Self {
+        Self::default()
+    }
+
+    /// A clock that follows real time and can also be moved forward with [`Clock::advance`].
+    pub fn manual() -> Self {
+        Self {
+            skew: Some(Arc::new(AtomicU64::new(0))),
+        }
+    }
+
+    /// Moves a manual clock forward (no effect on the system clock).
+    pub fn advance(&self, by: Duration) {
+        if let Some(skew) = &self.skew {
+            skew.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+        }
+    }
+
+    /// Now.
+    pub fn now(&self) -> Instant {
+        let now = Instant::now();
+        match &self.skew {
+            Some(skew) => now + Duration::from_millis(skew.load(Ordering::SeqCst)),
+            None => now,
+        }
+    }
+}
+
+/// A keyed hash of a normalized e-mail: 128 bits, so collisions are out of reach.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct CacheKey([u8; 16]);
+
+/// A cached partner answer.
+#[derive(Clone, Debug)]
+pub enum CachedAnswer {
+    /// The serialized [`crate::domain::Credentials`] record.
+    Found(Bytes),
+    /// The partner knows no such customer.
+    NotFound,
+}
+
+/// One cache entry and when it stops being fresh.
+#[derive(Debug)]
+pub struct Entry {
+    /// The answer.
+    pub answer: CachedAnswer,
+    stored_at: Instant,
+    fresh_for: Duration,
+    /// How long moka keeps it: `fresh_for` plus the longest stale window.
+    keep_for: Duration,
+}
+
+/// How a lookup was answered, as `Cache-Status` (RFC 9211) reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// A fresh entry, with whole seconds of freshness left.
+    Hit {
+        /// Seconds left.
+        ttl_s: u64,
+    },
+    /// A miss whose partner answer was stored.
+    Stored,
+    /// A miss that joined another caller's in-flight lookup.
+    Collapsed,
+    /// The caller sent `Cache-Control: no-cache`; the fresh answer was stored.
+    Forced,
+    /// A stale entry served at once while one background refresh runs.
+    StaleWhileRevalidate {
+        /// Seconds past expiry.
+        past_s: u64,
+    },
+    /// A stale entry served because the partner failed.
+    StaleIfError {
+        /// The partner's HTTP status, if it answered.
+        fwd_status: Option<u16>,
+        /// Seconds past expiry.
+        past_s: u64,
+    },
+    /// The partner failed and nothing could be served.
+    Failed {
+        /// The partner's HTTP status, if it answered.
+        fwd_status: Option<u16>,
+    },
+}
+
+impl CacheStatus {
+    /// The `Cache-Status` header value.
+    pub fn header_value(self) -> HeaderValue {
+        const NAME: &str = "skypostal-proxy";
+        let text = match self {
+            Self::Hit { ttl_s } => format!("{NAME}; hit; ttl={ttl_s}"),
+            Self::Stored => return HeaderValue::from_static("skypostal-proxy; fwd=miss; stored"),
+            Self::Collapsed => {
+                return HeaderValue::from_static("skypostal-proxy; fwd=miss; collapsed")
+            }
+            Self::Forced => {
+                return HeaderValue::from_static("skypostal-proxy; fwd=request; stored")
+            }
+            Self::StaleWhileRevalidate { past_s } => {
+                format!("{NAME}; hit; ttl=-{past_s}; detail=stale-while-revalidate")
+            }
+            Self::StaleIfError { fwd_status, past_s } => format!(
+                "{NAME}; fwd=stale;{} ttl=-{past_s}; detail=stale-if-error",
+                fwd_status.map_or(String::new(), |s| format!(" fwd-status={s};"))
+            ),
+            Self::Failed { fwd_status: None } => {
+                return HeaderValue::from_static("skypostal-proxy; fwd=miss")
+            }
+            Self::Failed {
+                fwd_status: Some(s),
+            } => format!("{NAME}; fwd=miss; fwd-status={s}"),
+        };
+        // Only digits and fixed ASCII go into the text.
+        HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static(NAME))
+    }
+
+    /// A short label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Hit { .. } => "hit",
+            Self::Stored => "miss",
+            Self::Collapsed => "collapsed",
+            Self::Forced => "forced",
+            Self::StaleWhileRevalidate { .. } => "stale-while-revalidate",
+            Self::StaleIfError { .. } => "stale-if-error",
+            Self::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// The result of [`CredentialsCache::get`].
+#[derive(Debug)]
+pub struct Lookup {
+    /// The answer served, or why there is none.
+    pub result: Result<Arc<Entry>, PartnerError>,
+    /// How it was served.
+    pub status: CacheStatus,
+}
+
+type Fetched = Result<Arc<Entry>, PartnerError>;
+
+/// The cache in front of the partner. Cheap to clone.
+#[derive(Clone)]
+pub struct CredentialsCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    entries: Cache<CacheKey, Arc<Entry>>,
+    inflight: Mutex<HashMap<CacheKey, watch::Receiver<Option<Fetched>>>>,
+    partner: SkypostalClient,
+    clock: Clock,
+    key_secret: [u8; 32],
+    ttl: Duration,
+    negative_ttl: Duration,
+    stale_if_error: Duration,
+    stale_while_revalidate: Duration,
+}
+
+/// Keeps each entry for its own `keep_for`.
+struct KeepFor;
+
+impl moka::Expiry<CacheKey, Arc<Entry>> for KeepFor {
+    fn expire_after_create(
+        &self,
+        _: &CacheKey,
+        entry: &Arc<Entry>,
+        _: Instant,
+    ) -> Option<Duration> {
+        Some(entry.keep_for)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &CacheKey,
+        entry: &Arc<Entry>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.keep_for)
+    }
+}
+
+/// How a caller takes part in a lookup for a key.
+enum Role {
+    /// Started the partner call.
+    Leader(watch::Receiver<Option<Fetched>>),
+    /// Joined a call already running.
+    Follower(watch::Receiver<Option<Fetched>>),
+    /// A fresh entry appeared meanwhile.
+    Fresh(Arc<Entry>),
+}
+
+impl CredentialsCache {
+    /// Builds the cache in front of `partner`.
+    pub fn new(settings: &CacheSettings, partner: SkypostalClient, clock: Clock) -> Self {
+        let secs = Duration::from_secs;
+        Self {
+            inner: Arc::new(Inner {
+                entries: Cache::builder()
+                    .max_capacity(settings.max_entries)
+                    .expire_after(KeepFor)
+                    .build(),
+                inflight: Mutex::new(HashMap::new()),
+                partner,
+                clock,
+                key_secret: rand::random(),
+                ttl: secs(settings.ttl_s),
+                negative_ttl: secs(settings.negative_ttl_s),
+                stale_if_error: secs(settings.stale_if_error_s),
+                stale_while_revalidate: secs(settings.stale_while_revalidate_s),
+            }),
+        }
+    }
+
+    /// The cache key of an address.
+    pub fn key(&self, email: &CustomerEmail) -> CacheKey {
+        let digest = Sha256::new()
+            .chain_update(self.inner.key_secret)
+            .chain_update(email.as_str().as_bytes())
+            .finalize();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        CacheKey(key)
+    }
+
+    /// Answers from the cache or the partner. `force` skips the cached answer (the caller sent
+    /// `Cache-Control: no-cache`); the lookup is still shared with concurrent ones.
+    pub async fn get(&self, email: &CustomerEmail, force: bool) -> Lookup {
+        let key = self.key(email);
+        let cached = self.inner.entries.get(&key);
+        let now = self.inner.clock.now();
+
+        if let (Some(entry), false) = (&cached, force) {
+            match entry.freshness(now) {
+                Ok(left) => {
+                    return Lookup {
+                        result: Ok(entry.clone()),
+                        status: CacheStatus::Hit {
+                            ttl_s: left.as_secs(),
+                        },
+                    }
+                }
+                Err(past) if past < self.inner.stale_while_revalidate => {
+                    // One background refresh: a running lookup for this key is joined, not repeated.
+                    drop(self.join_or_start(key, email, false));
+                    return Lookup {
+                        result: Ok(entry.clone()),
+                        status: CacheStatus::StaleWhileRevalidate {
+                            past_s: ceil_secs(past),
+                        },
+                    };
+                }
+                Err(_) => {}
+            }
+        }
+
+        let (fetched, leader) = match self.join_or_start(key, email, force) {
+            Role::Fresh(entry) => {
+                return Lookup {
+                    result: Ok(entry),
+                    status: CacheStatus::Collapsed,
+                }
+            }
+            Role::Leader(rx) => (wait(rx).await, true),
+            Role::Follower(rx) => (wait(rx).await, false),
+        };
+
+        match fetched {
+            Ok(entry) => Lookup {
+                result: Ok(entry),
+                status: match (leader, force) {
+                    (false, _) => CacheStatus::Collapsed,
+                    (true, false) => CacheStatus::Stored,
+                    (true, true) => CacheStatus::Forced,
+                },
+            },
+            Err(error) => {
+                let fwd_status = error.fwd_status();
+                let stale = cached.and_then(|entry| {
+                    let past = entry.freshness(self.inner.clock.now()).err()?;
+                    (past < self.inner.stale_if_error).then_some((entry, past))
+                });
+                match stale {
+                    Some((entry, past)) => Lookup {
+                        result: Ok(entry),
+                        status: CacheStatus::StaleIfError {
+                            fwd_status,
+                            past_s: ceil_secs(past),
+                        },
+                    },
+                    None => Lookup {
+                        result: Err(error),
+                        status: CacheStatus::Failed { fwd_status },
+                    },
+                }
+            }
+        }
+    }
+
+    /// Drops the cached answer for an address, if any.
+    pub fn invalidate(&self, email: &CustomerEmail) {
+        self.inner.entries.invalidate(&self.key(email));
+    }
+
+    /// Number of cached answers (runs moka's pending maintenance first, so it is current).
+    pub fn entry_count(&self) -> u64 {
+        self.inner.entries.run_pending_tasks();
+        self.inner.entries.entry_count()
+    }
+
+    /// The partner client behind the cache.
+    pub fn partner(&self) -> &SkypostalClient {
+        &self.inner.partner
+    }
+
+    fn join_or_start(&self, key: CacheKey, email: &CustomerEmail, force: bool) -> Role {
+        let inner = &self.inner;
+        let mut inflight = inner
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(rx) = inflight.get(&key) {
+            return Role::Follower(rx.clone());
+        }
+        // A lookup that finished between our cache read and this lock stored its answer before
+        // leaving the map: look again rather than call the partner twice.
+        if !force {
+            if let Some(entry) = inner.entries.get(&key) {
+                if entry.freshness(inner.clock.now()).is_ok() {
+                    return Role::Fresh(entry);
+                }
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(key, rx.clone());
+        drop(inflight);
+
+        let this = self.clone();
+        let email = email.clone();
+        tokio::spawn(async move {
+            let fetched = this.fetch(&email).await;
+            if let Ok(entry) = &fetched {
+                this.inner.entries.insert(key, entry.clone());
+            }
+            this.inner
+                .inflight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key);
+            // Nobody listening is fine: an abandoned lookup still fills the cache.
+            let _ = tx.send(Some(fetched));
+        });
+        Role::Leader(rx)
+    }
+
+    /// One partner lookup, turned into a cache entry.
+    async fn fetch(&self, email: &CustomerEmail) -> Fetched {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let answer = inner.partner.lookup(email).await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let (answer, fresh_for) = match answer {
+            Ok(PartnerAnswer::Found(credentials)) => {
+                tracing::debug!(%email, elapsed_ms, "partner found the customer");
+                let body =
+                    serde_json::to_vec(&credentials).map_err(|e| PartnerError::Unreadable {
+                        reason: format!("record could not be encoded ({:?})", e.classify()),
+                    })?;
+                (CachedAnswer::Found(Bytes::from(body)), inner.ttl)
+            }
+            Ok(PartnerAnswer::NotFound { fields }) => {
+                match fields.as_ref().and_then(|f| f.description.as_deref()) {
+                    Some(description) => {
+                        tracing::warn!(%email, elapsed_ms, description, "partner knows no such customer")
+                    }
+                    None => tracing::debug!(%email, elapsed_ms, "partner knows no such customer"),
+                }
+                (CachedAnswer::NotFound, inner.negative_ttl)
+            }
+            Err(error) => {
+                match &error {
+                    PartnerError::AccessDenied { .. } => {
+                        tracing::error!(%email, elapsed_ms, %error, "partner refused our credentials: check upstream.user_code and upstream.app_key")
+                    }
+                    _ => tracing::warn!(%email, elapsed_ms, %error, "partner lookup failed"),
+                }
+                return Err(error);
+            }
+        };
+        Ok(Arc::new(Entry {
+            answer,
+            stored_at: inner.clock.now(),
+            fresh_for,
+            keep_for: fresh_for + inner.stale_if_error.max(inner.stale_while_revalidate),
+        }))
+    }
+}
+
+impl Entry {
+    /// `Ok(time left)` while fresh, `Err(time past expiry)` after.
+    fn freshness(&self, now: Instant) -> Result<Duration, Duration> {
+        let age = now.saturating_duration_since(self.stored_at);
+        if age < self.fresh_for {
+            Ok(self.fresh_for - age)
+        } else {
+            Err(age - self.fresh_for)
+        }
+    }
+}
+
+async fn wait(mut rx: watch::Receiver<Option<Fetched>>) -> Fetched {
+    match rx.wait_for(Option::is_some).await {
+        Ok(value) => value.clone().unwrap_or(Err(lookup_lost())),
+        Err(_) => Err(lookup_lost()),
+    }
+}
+
+fn lookup_lost() -> PartnerError {
+    PartnerError::Transport("the lookup task ended without an answer".to_owned())
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}

@@ -1,0 +1,706 @@
+//! Configuration: the layered sources, the typed [`Settings`], validation and secret handling.
+//!
+//! Layers, lowest first: the compiled-in `config/default.toml`, an optional extra layer (the
+//! `demo` subcommand's loopback defaults), the file given with `--config` (or
+//! `SKYPOSTAL_PROXY_CONFIG`), then `SKYPOSTAL_PROXY__SECTION__KEY` environment variables.
+//!
+//! Environment values are never guessed into numbers (`try_parsing` stays off): serde parses the
+//! keys that are numbers, and a string key such as `upstream.app_key` keeps its leading zeros.
+//!
+//! Validation turns the raw document into [`Settings`], in which every value has been checked;
+//! an invalid value stops start-up with a [`ConfigError`] naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The compiled-in defaults.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "SKYPOSTAL_PROXY";
+
+/// The partner's public generic test credentials (Skypostal documentation). Fine for `test`,
+/// refused for `prod`.
+pub const GENERIC_TEST_USER_CODE: u64 = 396;
+/// See [`GENERIC_TEST_USER_CODE`].
+pub const GENERIC_TEST_APP_KEY: &str = "1656d700707ad9a77f737e5df3db088a";
+
+const TEST_BASE_URL: &str = "https://api-box-test.skypostal.com";
+const PROD_BASE_URL: &str = "https://api-box.skypostal.com";
+
+/// Why the configuration was refused. The message always names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or parsed (bad TOML, wrong type, unknown key).
+    #[error("configuration could not be loaded: {0}")]
+    Load(String),
+    /// A value was read but is not acceptable.
+    #[error("invalid configuration: `{key}` {reason}")]
+    Invalid {
+        /// The dotted key, e.g. `upstream.timeout_ms`.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+// === raw document ===
+
+/// The configuration document as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    server: RawServer,
+    upstream: RawUpstream,
+    cache: CacheSettings,
+    auth: AuthSettings,
+    rate_limit: RateLimitSettings,
+    #[serde(default)]
+    clients: Vec<RawClient>,
+    log: LogSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    admin_listen: Option<String>,
+    shutdown_grace_s: u64,
+    drain_delay_s: u64,
+    request_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    environment: String,
+    base_url: Option<String>,
+    path: String,
+    user_code: u64,
+    app_key: Option<SecretString>,
+    app_key_file: Option<PathBuf>,
+    connect_timeout_ms: u64,
+    timeout_ms: u64,
+    deadline_ms: Option<u64>,
+    max_retries: u32,
+    max_concurrency: usize,
+    max_rps: u32,
+    max_response_bytes: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    key_sha256: String,
+    rate_per_s: Option<u32>,
+    burst: Option<u32>,
+    #[serde(default)]
+    admin: bool,
+}
+
+// === validated settings ===
+
+/// The validated configuration of one service instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// Listeners and shutdown.
+    pub server: ServerSettings,
+    /// The Skypostal partner API.
+    pub upstream: UpstreamSettings,
+    /// The in-memory credentials cache.
+    pub cache: CacheSettings,
+    /// Caller authentication policy.
+    pub auth: AuthSettings,
+    /// Per-client rate limit defaults.
+    pub rate_limit: RateLimitSettings,
+    /// The callers allowed to use the service.
+    pub clients: Vec<ClientSettings>,
+    /// Log output.
+    pub log: LogSettings,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerSettings {
+    /// Address of the main listener.
+    pub listen: SocketAddr,
+    /// Optional second listener for probes and metrics.
+    pub admin_listen: Option<SocketAddr>,
+    /// How long in-flight requests may run after the listener closed at shutdown.
+    #[serde(serialize_with = "as_secs")]
+    pub shutdown_grace: Duration,
+    /// How long readiness reports 503 before the listener closes at shutdown.
+    #[serde(serialize_with = "as_secs")]
+    pub drain_delay: Duration,
+    /// Upper bound on one inbound request.
+    #[serde(serialize_with = "as_millis")]
+    pub request_timeout: Duration,
+}
+
+/// Which Skypostal deployment the partner calls go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// `https://api-box-test.skypostal.com`
+    Test,
+    /// `https://api-box.skypostal.com`
+    Prod,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamSettings {
+    /// The partner deployment.
+    pub environment: Environment,
+    /// Scheme and authority of the partner API, without a trailing slash.
+    pub base_url: String,
+    /// Path of the customer-get-info operation.
+    pub path: String,
+    /// Partner `user_code`.
+    pub user_code: u64,
+    /// Partner `app_key` (from `app_key_file` when given).
+    #[serde(serialize_with = "redacted")]
+    pub app_key: SecretString,
+    /// Where the app key was read from, if a file.
+    pub app_key_file: Option<PathBuf>,
+    /// Bound on establishing a connection.
+    #[serde(serialize_with = "as_millis")]
+    pub connect_timeout: Duration,
+    /// Bound on one attempt, send to last byte.
+    #[serde(serialize_with = "as_millis")]
+    pub timeout: Duration,
+    /// Bound on one lookup: all attempts and backoffs.
+    #[serde(serialize_with = "as_millis")]
+    pub deadline: Duration,
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Partner calls in flight at once.
+    pub max_concurrency: usize,
+    /// Partner calls started per second.
+    pub max_rps: u32,
+    /// Largest partner answer read.
+    pub max_response_bytes: usize,
+}
+
+impl UpstreamSettings {
+    /// The full URL of the customer-get-info operation.
+    pub fn endpoint(&self) -> String {
+        format!("{}{}", self.base_url, self.path)
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Lifetime of a found customer.
+    pub ttl_s: u64,
+    /// Lifetime of a "no such customer" answer.
+    pub negative_ttl_s: u64,
+    /// How long past expiry an answer is still served when the partner fails.
+    pub stale_if_error_s: u64,
+    /// How long past expiry an answer is served at once while one refresh runs.
+    pub stale_while_revalidate_s: u64,
+    /// Bound on cached e-mails.
+    pub max_entries: u64,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Serve callers without a key (only on a loopback listener).
+    pub allow_anonymous: bool,
+}
+
+/// `[rate_limit]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Requests per second a client may make unless it sets `rate_per_s`.
+    pub default_per_s: u32,
+    /// Burst a client may make unless it sets `burst`.
+    pub default_burst: u32,
+}
+
+/// One `[[clients]]` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientSettings {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// SHA-256 of the client's raw key.
+    #[serde(serialize_with = "hex_digest")]
+    pub key_sha256: [u8; 32],
+    /// Sustained requests per second.
+    pub rate_per_s: u32,
+    /// Burst size.
+    pub burst: u32,
+    /// May purge cached answers.
+    pub admin: bool,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, for terminals.
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Output format.
+    pub format: LogFormat,
+    /// Default filter directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+// === loading ===
+
+impl Settings {
+    /// Loads the layers (defaults, `extra_layer`, `file`, environment) and validates them.
+    pub fn load(file: Option<&Path>, extra_layer: Option<&str>) -> Result<Self, ConfigError> {
+        use config::{Config, Environment as Env, File, FileFormat};
+
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(extra) = extra_layer {
+            builder = builder.add_source(File::from_str(extra, FileFormat::Toml));
+        }
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::invalid(
+                    "--config",
+                    format!("names {}, which is not a readable file", path.display()),
+                ));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        let raw: RawSettings = builder
+            .add_source(
+                Env::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        raw.validate()
+    }
+
+    /// The effective configuration as TOML, every secret redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+impl RawSettings {
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let server = self.server.validate()?;
+        let upstream = self.upstream.validate()?;
+        validate_cache(&self.cache)?;
+        positive(
+            "rate_limit.default_per_s",
+            self.rate_limit.default_per_s.into(),
+        )?;
+        positive(
+            "rate_limit.default_burst",
+            self.rate_limit.default_burst.into(),
+        )?;
+        LogFilter::parse("log.level", &self.log.level)?;
+
+        let mut clients = Vec::with_capacity(self.clients.len());
+        for (i, raw) in self.clients.into_iter().enumerate() {
+            clients.push(raw.validate(i, &self.rate_limit)?);
+        }
+        for (i, c) in clients.iter().enumerate() {
+            if clients[..i].iter().any(|o| o.name == c.name) {
+                return Err(ConfigError::invalid(
+                    format!("clients[{i}].name"),
+                    format!("repeats the name {:?}", c.name),
+                ));
+            }
+            if clients[..i].iter().any(|o| o.key_sha256 == c.key_sha256) {
+                return Err(ConfigError::invalid(
+                    format!("clients[{i}].key_sha256"),
+                    "repeats the hash of another client: each client needs its own key",
+                ));
+            }
+        }
+        if self.auth.allow_anonymous && !server.listen.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                "auth.allow_anonymous",
+                format!(
+                    "is only allowed when server.listen is a loopback address, not {}",
+                    server.listen
+                ),
+            ));
+        }
+        if clients.is_empty() && !self.auth.allow_anonymous {
+            return Err(ConfigError::invalid(
+                "clients",
+                "is empty: add a [[clients]] entry (`skypostal-proxy keygen --name NAME` makes one), \
+                 or set auth.allow_anonymous = true on a loopback listener",
+            ));
+        }
+
+        Ok(Settings {
+            server,
+            upstream,
+            cache: self.cache,
+            auth: self.auth,
+            rate_limit: self.rate_limit,
+            clients,
+            log: self.log,
+        })
+    }
+}
+
+impl RawServer {
+    fn validate(self) -> Result<ServerSettings, ConfigError> {
+        let listen = socket_addr("server.listen", &self.listen)?;
+        let admin_listen = self
+            .admin_listen
+            .as_deref()
+            .map(|a| socket_addr("server.admin_listen", a))
+            .transpose()?;
+        if admin_listen.is_some_and(|a| a == listen && a.port() != 0) {
+            return Err(ConfigError::invalid(
+                "server.admin_listen",
+                "must differ from server.listen",
+            ));
+        }
+        positive("server.request_timeout_ms", self.request_timeout_ms)?;
+        Ok(ServerSettings {
+            listen,
+            admin_listen,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            drain_delay: Duration::from_secs(self.drain_delay_s),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        })
+    }
+}
+
+impl RawUpstream {
+    fn validate(self) -> Result<UpstreamSettings, ConfigError> {
+        let environment = match self.environment.as_str() {
+            "test" => Environment::Test,
+            "prod" => Environment::Prod,
+            other => {
+                return Err(ConfigError::invalid(
+                    "upstream.environment",
+                    format!("must be \"test\" or \"prod\", not {other:?}"),
+                ))
+            }
+        };
+        let base_url = match self.base_url.as_deref().map(str::trim) {
+            Some(url) if !url.is_empty() => url.trim_end_matches('/').to_owned(),
+            _ => match environment {
+                Environment::Test => TEST_BASE_URL.to_owned(),
+                Environment::Prod => PROD_BASE_URL.to_owned(),
+            },
+        };
+        match reqwest::Url::parse(&base_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+            _ => {
+                return Err(ConfigError::invalid(
+                    "upstream.base_url",
+                    format!("must be an http(s) URL, not {base_url:?}"),
+                ))
+            }
+        }
+        if !self.path.starts_with('/') {
+            return Err(ConfigError::invalid("upstream.path", "must start with `/`"));
+        }
+
+        let app_key = match &self.app_key_file {
+            Some(path) => read_secret_file("upstream.app_key_file", path)?,
+            None => self.app_key.ok_or_else(|| {
+                ConfigError::invalid("upstream.app_key", "is required (or upstream.app_key_file)")
+            })?,
+        };
+        if app_key.expose_secret().trim().is_empty() {
+            return Err(ConfigError::invalid("upstream.app_key", "is empty"));
+        }
+        if environment == Environment::Prod
+            && (self.user_code == GENERIC_TEST_USER_CODE
+                || app_key.expose_secret() == GENERIC_TEST_APP_KEY)
+        {
+            return Err(ConfigError::invalid(
+                "upstream.user_code",
+                "holds the public generic test credentials, which are refused with \
+                 upstream.environment = \"prod\": set upstream.user_code and upstream.app_key_file",
+            ));
+        }
+
+        positive("upstream.connect_timeout_ms", self.connect_timeout_ms)?;
+        positive("upstream.timeout_ms", self.timeout_ms)?;
+        let deadline_ms = self
+            .deadline_ms
+            .unwrap_or(self.timeout_ms.saturating_mul(2));
+        positive("upstream.deadline_ms", deadline_ms)?;
+        positive("upstream.max_concurrency", self.max_concurrency as u64)?;
+        positive("upstream.max_rps", self.max_rps.into())?;
+        if self.max_response_bytes < 64 {
+            return Err(ConfigError::invalid(
+                "upstream.max_response_bytes",
+                "must be at least 64",
+            ));
+        }
+        if self.max_retries > 10 {
+            return Err(ConfigError::invalid(
+                "upstream.max_retries",
+                "must be at most 10",
+            ));
+        }
+
+        Ok(UpstreamSettings {
+            environment,
+            base_url,
+            path: self.path,
+            user_code: self.user_code,
+            app_key,
+            app_key_file: self.app_key_file,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            timeout: Duration::from_millis(self.timeout_ms),
+            deadline: Duration::from_millis(deadline_ms),
+            max_retries: self.max_retries,
+            max_concurrency: self.max_concurrency,
+            max_rps: self.max_rps,
+            max_response_bytes: self.max_response_bytes,
+        })
+    }
+}
+
+impl RawClient {
+    fn validate(
+        self,
+        i: usize,
+        defaults: &RateLimitSettings,
+    ) -> Result<ClientSettings, ConfigError> {
+        let name = self.name.trim().to_owned();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(ConfigError::invalid(
+                format!("clients[{i}].name"),
+                "must be non-empty and use only ASCII letters, digits, `-`, `_` and `.`",
+            ));
+        }
+        let key_sha256 = parse_sha256_hex(&self.key_sha256).ok_or_else(|| {
+            ConfigError::invalid(
+                format!("clients[{i}].key_sha256"),
+                "must be 64 lowercase hex digits (the SHA-256 of the raw key)",
+            )
+        })?;
+        let rate_per_s = self.rate_per_s.unwrap_or(defaults.default_per_s);
+        let burst = self.burst.unwrap_or(defaults.default_burst);
+        positive(&format!("clients[{i}].rate_per_s"), rate_per_s.into())?;
+        positive(&format!("clients[{i}].burst"), burst.into())?;
+        Ok(ClientSettings {
+            name,
+            key_sha256,
+            rate_per_s,
+            burst,
+            admin: self.admin,
+        })
+    }
+}
+
+fn validate_cache(cache: &CacheSettings) -> Result<(), ConfigError> {
+    positive("cache.ttl_s", cache.ttl_s)?;
+    positive("cache.max_entries", cache.max_entries)?;
+    // A year bounds every window: it keeps `Instant` arithmetic far from overflow.
+    const YEAR_S: u64 = 366 * 24 * 3600;
+    for (key, v) in [
+        ("cache.ttl_s", cache.ttl_s),
+        ("cache.negative_ttl_s", cache.negative_ttl_s),
+        ("cache.stale_if_error_s", cache.stale_if_error_s),
+        (
+            "cache.stale_while_revalidate_s",
+            cache.stale_while_revalidate_s,
+        ),
+    ] {
+        if v > YEAR_S {
+            return Err(ConfigError::invalid(key, "must be at most one year"));
+        }
+    }
+    Ok(())
+}
+
+/// Validates a tracing filter directive, so a typo is refused at start-up, not ignored.
+struct LogFilter;
+
+impl LogFilter {
+    fn parse(key: &str, value: &str) -> Result<(), ConfigError> {
+        tracing_subscriber::EnvFilter::builder()
+            .parse(value)
+            .map(drop)
+            .map_err(|e| ConfigError::invalid(key, format!("is not a valid filter ({e})")))
+    }
+}
+
+fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        Err(ConfigError::invalid(key, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+fn socket_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.trim().parse().map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("must be IP:PORT (e.g. 127.0.0.1:8080), not {v:?}"),
+        )
+    })
+}
+
+fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::invalid(key, format!("cannot be read ({}): {e}", path.display()))
+    })?;
+    // Secret files usually end in a newline; the secret itself never does.
+    Ok(SecretString::from(
+        text.trim_end_matches(['\r', '\n']).to_owned(),
+    ))
+}
+
+/// Parses 64 lowercase hex digits into a SHA-256 digest.
+pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Lowercase hex of a digest.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn redacted<S: Serializer>(_: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("[redacted]")
+}
+
+fn hex_digest<S: Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&to_hex(d))
+}
+
+fn as_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+fn as_millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis().try_into().unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_hex_accepts_only_64_lowercase_hex_digits() {
+        let ok = "a".repeat(64);
+        assert_eq!(parse_sha256_hex(&ok), Some([0xaa; 32]));
+        assert_eq!(parse_sha256_hex(&"A".repeat(64)), None);
+        assert_eq!(parse_sha256_hex(&"a".repeat(63)), None);
+        assert_eq!(parse_sha256_hex(&"g".repeat(64)), None);
+        assert_eq!(to_hex(&[0xaa; 32]), ok);
+    }
+
+    #[test]
+    fn defaults_alone_are_refused_because_no_client_is_configured() {
+        let err = Settings::load(None, None).unwrap_err().to_string();
+        assert!(err.contains("`clients`"), "{err}");
+    }
+
+    #[test]
+    fn anonymous_on_loopback_is_accepted_and_derives_the_deadline() {
+        let s = Settings::load(
+            None,
+            Some("[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\n"),
+        )
+        .unwrap();
+        assert_eq!(s.upstream.deadline, s.upstream.timeout * 2);
+        assert_eq!(s.upstream.base_url, TEST_BASE_URL);
+    }
+
+    #[test]
+    fn anonymous_on_a_public_listener_is_refused() {
+        let err = Settings::load(None, Some("[auth]\nallow_anonymous = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth.allow_anonymous"), "{err}");
+    }
+
+    #[test]
+    fn prod_with_generic_credentials_is_refused() {
+        let err = Settings::load(
+            None,
+            Some(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\n\
+                 [upstream]\nenvironment = \"prod\"\n",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("upstream.user_code"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Settings::load(
+            None,
+            Some("[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\ntimout_ms = 3\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("timout_ms"), "{err}");
+    }
+
+    #[test]
+    fn redacted_toml_hides_the_app_key() {
+        let s = Settings::load(
+            None,
+            Some("[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\n"),
+        )
+        .unwrap();
+        let out = s.to_redacted_toml();
+        assert!(!out.contains(GENERIC_TEST_APP_KEY), "{out}");
+        assert!(out.contains("[redacted]"), "{out}");
+        assert!(!format!("{s:?}").contains(GENERIC_TEST_APP_KEY));
+    }
+}

@@ -1,0 +1,34 @@
+//! skypostal-proxy: a sidecar that looks Skypostal customers' credentials up by e-mail.
+//!
+//! Internal services call `GET /customers/{email}/credentials`; the service injects the partner
+//! secrets it alone holds into the partner's customer-get-info call, caches the answer, and
+//! returns a clean JSON record.
+//!
+//! # Layout
+//!
+//! - [`cli`] — the subcommands (`serve`, `demo`, `mock-upstream`, `keygen`, `check-config`,
+//!   `healthcheck`).
+//! - [`config`] — layered configuration, validation, secret handling.
+//! - [`startup`] — [`startup::Application`]: binds, serves, drains on shutdown.
+//! - [`telemetry`] — log output.
+//! - [`domain`] — [`domain::CustomerEmail`] and the [`domain::Credentials`] record.
+//! - [`partner`] — the Skypostal client, its wire format and WCF dates.
+//! - [`cache`] — the credentials cache: single flight, freshness, stale answers.
+//! - [`auth`] — callers' keys.
+//! - [`routes`] — the router, the middleware stack and the handlers.
+//! - [`error`] — [`error::ApiError`] and problem+json.
+//! - [`simulator`] — the partner simulator behind `demo`, `mock-upstream` and the tests.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod partner;
+pub mod routes;
+pub mod simulator;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,104 @@
+//! `GET` and `DELETE /customers/{email}/credentials`.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::auth::Client;
+use crate::cache::CachedAnswer;
+use crate::domain::CustomerEmail;
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+/// The `Cache-Status` header (RFC 9211).
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// The `{email}` path segment, decoded, normalized and validated.
+pub struct EmailParam(pub CustomerEmail);
+
+impl<S: Send + Sync> FromRequestParts<S> for EmailParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::UndecodablePath)?;
+        CustomerEmail::parse(&raw)
+            .map(EmailParam)
+            .map_err(ApiError::InvalidEmail)
+    }
+}
+
+/// Looks a customer's credentials up, from the cache or the partner.
+pub async fn get_credentials(
+    State(state): State<AppState>,
+    EmailParam(email): EmailParam,
+    headers: HeaderMap,
+) -> Response {
+    let lookup = state.cache.get(&email, wants_fresh(&headers)).await;
+    let mut response = match &lookup.result {
+        Ok(entry) => match &entry.answer {
+            CachedAnswer::Found(body) => (
+                [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                body.clone(),
+            )
+                .into_response(),
+            CachedAnswer::NotFound => ApiError::CustomerNotFound.into_response(),
+        },
+        Err(error) => ApiError::Partner(error.clone()).into_response(),
+    };
+    response
+        .headers_mut()
+        .insert(CACHE_STATUS, lookup.status.header_value());
+    response
+}
+
+/// Drops the cached answer for an e-mail (admin clients only).
+pub async fn purge_credentials(
+    State(state): State<AppState>,
+    Extension(client): Extension<Arc<Client>>,
+    EmailParam(email): EmailParam,
+) -> Result<StatusCode, ApiError> {
+    if !client.admin {
+        return Err(ApiError::Forbidden("purge cached answers"));
+    }
+    state.cache.invalidate(&email);
+    tracing::info!(client = %client.name, %email, "purged cached answer");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether the caller sent `Cache-Control: no-cache`.
+fn wants_fresh(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|directive| {
+            let name = directive.trim().split('=').next().unwrap_or("");
+            name.eq_ignore_ascii_case("no-cache")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_cache_is_found_among_other_directives() {
+        let mut h = HeaderMap::new();
+        assert!(!wants_fresh(&h));
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("max-age=0, No-Cache"),
+        );
+        assert!(wants_fresh(&h));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        assert!(!wants_fresh(&h));
+    }
+}

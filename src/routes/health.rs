@@ -1,0 +1,42 @@
+//! Liveness and readiness probes.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::StatusCode;
+use serde_json::json;
+
+use crate::startup::AppState;
+
+/// 200 while the process serves.
+pub async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+/// 200 once serving, 503 while draining at shutdown, with the state of each component.
+///
+/// A partner refusing our credentials is reported here but keeps readiness at 200: a sidecar
+/// that turns unready on a partner-side problem takes its whole pod out of service.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let draining = state.readiness.is_draining();
+    let health = state.cache.partner().health();
+    let body = json!({
+        "status": if draining { "draining" } else { "ready" },
+        "components": {
+            "config": "loaded",
+            "listener": if draining { "draining" } else { "accepting" },
+            "partner": {
+                "credentials": if health.auth_failing() { "refused" } else { "ok" },
+                "last_success_unix": health.last_success_unix(),
+                "last_failure_unix": health.last_failure_unix(),
+            },
+            "cache": { "entries": state.cache.entry_count() },
+        }
+    });
+    let status = if draining {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
