@@ -281,7 +281,7 @@ impl CredentialsCache {
                     return Lookup {
                         result: Ok(entry.clone()),
                         status: CacheStatus::StaleWhileRevalidate {
-                            past_s: ceil_secs(past),
+                            past_s: stale_secs(past),
                         },
                     };
                 }
@@ -320,7 +320,7 @@ impl CredentialsCache {
                         result: Ok(entry),
                         status: CacheStatus::StaleIfError {
                             fwd_status,
-                            past_s: ceil_secs(past),
+                            past_s: stale_secs(past),
                         },
                     },
                     None => Lookup {
@@ -454,6 +454,7 @@ fn lookup_lost() -> PartnerError {
     PartnerError::Transport("the lookup task ended without an answer".to_owned())
 }
 
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+/// Whole seconds past expiry for `ttl=-N`: at least 1, since the entry is stale.
+fn stale_secs(d: Duration) -> u64 {
+    d.as_secs().max(1)
 }

@@ -94,10 +94,12 @@ pub fn main() -> ExitCode {
             eprintln!("configuration is valid");
             ExitCode::SUCCESS
         }),
-        Command::Healthcheck { url } => with_settings(cli.config, None, |s| {
-            let url =
-                url.unwrap_or_else(|| format!("http://{}/healthz", probe_addr(s.server.listen)));
-            runtime(healthcheck(url))
+        Command::Healthcheck { url: Some(url) } => runtime(healthcheck(url)),
+        Command::Healthcheck { url: None } => with_settings(cli.config, None, |s| {
+            runtime(healthcheck(format!(
+                "http://{}/healthz",
+                probe_addr(s.server.listen)
+            )))
         }),
     }
 }

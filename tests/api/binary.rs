@@ -1,0 +1,361 @@
+//! The built binary in a child process: signals, subcommands, environment configuration.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use skypostal_proxy::auth::key_sha256_hex;
+use skypostal_proxy::simulator::{Fault, Simulator, PARTNER_PATH};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::{eventually, spawn_app, APP_KEY, KEY, USER_CODE};
+
+const BIN: &str = env!("CARGO_BIN_EXE_skypostal-proxy");
+
+/// Writes a configuration file unique to this test process and call.
+fn config_file(contents: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "skypostal-proxy-test-{}-{}.toml",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::write(&path, contents).expect("config file is written");
+    path
+}
+
+/// A config for the binary: loopback port 0, JSON logs, one client, the simulator as partner.
+fn binary_config(partner: SocketAddr, extra_server: &str) -> PathBuf {
+    config_file(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{extra_server}
+
+[upstream]
+base_url = "http://{partner}"
+path = "{PARTNER_PATH}"
+
+[log]
+format = "json"
+level = "info"
+
+[[clients]]
+name = "regular"
+key_sha256 = "{}"
+"#,
+        key_sha256_hex(KEY)
+    ))
+}
+
+/// Starts `serve` and reads its JSON log until the listening address appears.
+async fn spawn_serve(config: &PathBuf, env: &[(&str, &str)]) -> (Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.expect("stderr is readable") {
+            let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if let Some(listen) = event["listen"].as_str() {
+                return listen.parse::<SocketAddr>().expect("listen is an address");
+            }
+        }
+        panic!("the binary exited before listening");
+    })
+    .await
+    .expect("the binary listens within 10 s");
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+async fn start_simulator(app_key: &str) -> (Simulator, SocketAddr) {
+    let sim = Simulator::new(USER_CODE, app_key);
+    let addr = sim
+        .spawn(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .await
+        .unwrap();
+    (sim, addr)
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("child is running");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+/// SIGTERM: readiness turns 503 during the drain delay, the in-flight request finishes, exit 0.
+#[tokio::test]
+async fn sigterm_drains_and_lets_an_in_flight_request_finish() {
+    let (sim, partner) = start_simulator(APP_KEY).await;
+    sim.set_fault(Some("slow@example.com"), Fault::Slow { ms: 1_500 });
+    let config = binary_config(partner, "drain_delay_s = 1\nshutdown_grace_s = 10");
+    let (mut child, addr) = spawn_serve(&config, &[]).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/customers/slow%40example.com/credentials");
+    let in_flight = tokio::spawn({
+        let http = http.clone();
+        async move { http.get(url).header("x-api-key", KEY).send().await }
+    });
+    assert!(eventually(Duration::from_secs(5), || async { sim.calls() == 1 }).await);
+
+    sigterm(&child);
+
+    let draining = eventually(Duration::from_secs(2), || async {
+        http.get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    assert!(draining, "readiness turns 503 while draining");
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request is answered");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["customer_email"], "slow@example.com");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// A request still running when the grace period ends is cut off, and the exit code says so.
+#[tokio::test]
+async fn sigterm_with_a_request_outliving_the_grace_period_exits_non_zero() {
+    let (sim, partner) = start_simulator(APP_KEY).await;
+    sim.set_fault(None, Fault::Slow { ms: 8_000 });
+    let config = binary_config(partner, "shutdown_grace_s = 1");
+    let (mut child, addr) = spawn_serve(&config, &[]).await;
+    let in_flight = tokio::spawn(
+        reqwest::Client::new()
+            .get(format!(
+                "http://{addr}/customers/late%40example.com/credentials"
+            ))
+            .header("x-api-key", KEY)
+            .send(),
+    );
+    assert!(eventually(Duration::from_secs(5), || async { sim.calls() == 1 }).await);
+
+    sigterm(&child);
+
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(in_flight.await.unwrap().is_err(), "the request was cut off");
+}
+
+/// Environment variables override the file; a string key keeps its leading zeros.
+#[tokio::test]
+async fn environment_overrides_keep_numeric_looking_secrets_as_strings() {
+    let (sim, partner) = start_simulator("000123").await;
+    let config = binary_config(partner, "");
+    let (_child, addr) = spawn_serve(
+        &config,
+        &[
+            ("SKYPOSTAL_PROXY__UPSTREAM__APP_KEY", "000123"),
+            ("SKYPOSTAL_PROXY__UPSTREAM__TIMEOUT_MS", "1500"),
+        ],
+    )
+    .await;
+
+    let response = reqwest::Client::new()
+        .get(format!(
+            "http://{addr}/customers/env%40example.com/credentials"
+        ))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(
+        response.status(),
+        200,
+        "the partner accepted app_key 000123"
+    );
+    assert_eq!(
+        sim.recorded()[0].body.as_ref().unwrap()["app_key"],
+        "000123"
+    );
+}
+
+/// `check-config` prints the effective configuration with every secret redacted.
+#[tokio::test]
+async fn check_config_prints_the_effective_config_redacted() {
+    let config = binary_config(SocketAddr::from((Ipv4Addr::LOCALHOST, 9)), "");
+
+    let output = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("SKYPOSTAL_PROXY__UPSTREAM__APP_KEY", "super-secret-app-key")
+        .env("SKYPOSTAL_PROXY__CACHE__TTL_S", "42")
+        .output()
+        .await
+        .unwrap();
+
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(!stdout.contains("super-secret-app-key"), "{stdout}");
+    assert!(stdout.contains("app_key = \"[redacted]\""), "{stdout}");
+    assert!(stdout.contains("ttl_s = 42"), "{stdout}");
+    assert!(stdout.contains(&key_sha256_hex(KEY)), "{stdout}");
+}
+
+/// An invalid value stops start-up with a message naming the key and a non-zero exit.
+#[tokio::test]
+async fn invalid_configuration_is_refused_naming_the_key() {
+    let config = binary_config(SocketAddr::from((Ipv4Addr::LOCALHOST, 9)), "");
+    for (var, value, key) in [
+        (
+            "SKYPOSTAL_PROXY__UPSTREAM__TIMEOUT_MS",
+            "0",
+            "upstream.timeout_ms",
+        ),
+        (
+            "SKYPOSTAL_PROXY__UPSTREAM__TIMEOUT_MS",
+            "soon",
+            "upstream.timeout_ms",
+        ),
+        (
+            "SKYPOSTAL_PROXY__SERVER__LISTEN",
+            "localhost",
+            "server.listen",
+        ),
+        (
+            "SKYPOSTAL_PROXY__UPSTREAM__ENVIRONMENT",
+            "staging",
+            "upstream.environment",
+        ),
+        (
+            "SKYPOSTAL_PROXY__UPSTREAM__APP_KEY_FILE",
+            "/nonexistent/key",
+            "upstream.app_key_file",
+        ),
+    ] {
+        let output = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env(var, value)
+            .output()
+            .await
+            .unwrap();
+
+        assert_eq!(output.status.code(), Some(2), "{var}={value}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(key), "{var}={value}: {stderr}");
+    }
+}
+
+/// `demo` prints a key and a curl line that returns the documented record, offline.
+#[tokio::test]
+async fn demo_prints_a_working_curl_line() {
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .env("SKYPOSTAL_PROXY__SERVER__LISTEN", "127.0.0.1:0")
+        .env_remove("SKYPOSTAL_PROXY_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let curl = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line
+                .trim_start()
+                .starts_with("curl -s -H 'Authorization: Bearer ")
+            {
+                return line;
+            }
+        }
+        panic!("no curl line");
+    })
+    .await
+    .expect("the banner appears");
+
+    let key = curl
+        .split("Bearer ")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap();
+    let url = curl.rsplit(' ').next().unwrap();
+    let response = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["customer_email"], "johndoe@email.com");
+    assert_eq!(body["customer_box_id"], 811111);
+}
+
+/// `keygen` prints a 256-bit URL-safe key and the matching `[[clients]]` entry.
+#[tokio::test]
+async fn keygen_prints_a_key_and_its_client_entry() {
+    let output = Command::new(BIN)
+        .args(["keygen", "--name", "billing"])
+        .output()
+        .await
+        .unwrap();
+
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let key = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# key: "))
+        .expect("a key line");
+    assert!(key.len() >= 43, "{key}");
+    assert!(stdout.contains("name = \"billing\""));
+    assert!(stdout.contains(&format!("key_sha256 = \"{}\"", key_sha256_hex(key))));
+}
+
+/// `healthcheck` exits 0 against a serving instance and non-zero when nothing answers.
+#[tokio::test]
+async fn healthcheck_reflects_whether_the_service_answers() {
+    let app = spawn_app().await;
+    let closed = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+
+    let up = Command::new(BIN)
+        .args(["healthcheck", "--url", &format!("{}/healthz", app.base)])
+        .output()
+        .await
+        .unwrap();
+    let down = Command::new(BIN)
+        .args(["healthcheck", "--url", &format!("http://{closed}/healthz")])
+        .output()
+        .await
+        .unwrap();
+
+    assert!(up.status.success());
+    assert!(!down.status.success());
+}
