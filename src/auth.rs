@@ -14,21 +14,31 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{to_hex, Settings};
 use crate::error::ApiError;
+use crate::rate_limit::ClientLimiter;
 
 /// Name of the header that carries a key as an alternative to `Authorization: Bearer`.
 pub const X_API_KEY: &str = "x-api-key";
 
 /// An authenticated caller, handed to handlers as a request extension.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Client {
     /// Name from `[[clients]]`, for logs and metrics.
     pub name: Arc<str>,
     /// May purge cached answers.
     pub admin: bool,
-    /// Sustained requests per second.
-    pub rate_per_s: u32,
-    /// Burst size.
-    pub burst: u32,
+    /// This client's rate limit.
+    pub limiter: ClientLimiter,
+}
+
+impl Client {
+    /// A client with its own limiter.
+    pub fn new(name: &str, admin: bool, rate_per_s: u32, burst: u32) -> Self {
+        Self {
+            name: name.into(),
+            admin,
+            limiter: ClientLimiter::new(rate_per_s, burst),
+        }
+    }
 }
 
 /// The configured callers, by key digest.
@@ -46,22 +56,18 @@ impl ClientRegistry {
             .clients
             .iter()
             .map(|c| {
-                let client = Client {
-                    name: c.name.as_str().into(),
-                    admin: c.admin,
-                    rate_per_s: c.rate_per_s,
-                    burst: c.burst,
-                };
+                let client = Client::new(&c.name, c.admin, c.rate_per_s, c.burst);
                 (c.key_sha256, Arc::new(client))
             })
             .collect();
+        // Anonymous callers share one client, and so one limit.
         let anonymous = settings.auth.allow_anonymous.then(|| {
-            Arc::new(Client {
-                name: "anonymous".into(),
-                admin: false,
-                rate_per_s: settings.rate_limit.default_per_s,
-                burst: settings.rate_limit.default_burst,
-            })
+            Arc::new(Client::new(
+                "anonymous",
+                false,
+                settings.rate_limit.default_per_s,
+                settings.rate_limit.default_burst,
+            ))
         });
         Self {
             by_digest,
@@ -121,12 +127,7 @@ mod tests {
     use http::HeaderValue;
 
     fn registry(anonymous: bool) -> ClientRegistry {
-        let client = Arc::new(Client {
-            name: "svc".into(),
-            admin: false,
-            rate_per_s: 1,
-            burst: 1,
-        });
+        let client = Arc::new(Client::new("svc", false, 1, 1));
         ClientRegistry {
             by_digest: HashMap::from([(digest(b"good-key"), client.clone())]),
             anonymous: anonymous.then_some(client),

@@ -18,6 +18,7 @@ use http::HeaderValue;
 use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::config::CacheSettings;
 use crate::domain::CustomerEmail;
@@ -259,8 +260,9 @@ impl CredentialsCache {
     }
 
     /// Answers from the cache or the partner. `force` skips the cached answer (the caller sent
-    /// `Cache-Control: no-cache`); the lookup is still shared with concurrent ones.
-    pub async fn get(&self, email: &CustomerEmail, force: bool) -> Lookup {
+    /// `Cache-Control: no-cache`); the lookup is still shared with concurrent ones. `request_id`
+    /// labels the logs of a partner lookup this call starts.
+    pub async fn get(&self, email: &CustomerEmail, force: bool, request_id: &str) -> Lookup {
         let key = self.key(email);
         let cached = self.inner.entries.get(&key);
         let now = self.inner.clock.now();
@@ -277,7 +279,7 @@ impl CredentialsCache {
                 }
                 Err(past) if past < self.inner.stale_while_revalidate => {
                     // One background refresh: a running lookup for this key is joined, not repeated.
-                    drop(self.join_or_start(key, email, false));
+                    drop(self.join_or_start(key, email, false, request_id));
                     return Lookup {
                         result: Ok(entry.clone()),
                         status: CacheStatus::StaleWhileRevalidate {
@@ -289,7 +291,7 @@ impl CredentialsCache {
             }
         }
 
-        let (fetched, leader) = match self.join_or_start(key, email, force) {
+        let (fetched, leader) = match self.join_or_start(key, email, force, request_id) {
             Role::Fresh(entry) => {
                 return Lookup {
                     result: Ok(entry),
@@ -348,7 +350,13 @@ impl CredentialsCache {
         &self.inner.partner
     }
 
-    fn join_or_start(&self, key: CacheKey, email: &CustomerEmail, force: bool) -> Role {
+    fn join_or_start(
+        &self,
+        key: CacheKey,
+        email: &CustomerEmail,
+        force: bool,
+        request_id: &str,
+    ) -> Role {
         let inner = &self.inner;
         let mut inflight = inner
             .inflight
@@ -372,19 +380,23 @@ impl CredentialsCache {
 
         let this = self.clone();
         let email = email.clone();
-        tokio::spawn(async move {
-            let fetched = this.fetch(&email).await;
-            if let Ok(entry) = &fetched {
-                this.inner.entries.insert(key, entry.clone());
+        let span = tracing::info_span!("lookup", request_id, email = %email);
+        tokio::spawn(
+            async move {
+                let fetched = this.fetch(&email).await;
+                if let Ok(entry) = &fetched {
+                    this.inner.entries.insert(key, entry.clone());
+                }
+                this.inner
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&key);
+                // Nobody listening is fine: an abandoned lookup still fills the cache.
+                let _ = tx.send(Some(fetched));
             }
-            this.inner
-                .inflight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&key);
-            // Nobody listening is fine: an abandoned lookup still fills the cache.
-            let _ = tx.send(Some(fetched));
-        });
+            .instrument(span),
+        );
         Role::Leader(rx)
     }
 
@@ -396,7 +408,7 @@ impl CredentialsCache {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         let (answer, fresh_for) = match answer {
             Ok(PartnerAnswer::Found(credentials)) => {
-                tracing::debug!(%email, elapsed_ms, "partner found the customer");
+                tracing::debug!(elapsed_ms, "partner found the customer");
                 let body =
                     serde_json::to_vec(&credentials).map_err(|e| PartnerError::Unreadable {
                         reason: format!("record could not be encoded ({:?})", e.classify()),
@@ -406,18 +418,18 @@ impl CredentialsCache {
             Ok(PartnerAnswer::NotFound { fields }) => {
                 match fields.as_ref().and_then(|f| f.description.as_deref()) {
                     Some(description) => {
-                        tracing::warn!(%email, elapsed_ms, description, "partner knows no such customer")
+                        tracing::warn!(elapsed_ms, description, "partner knows no such customer")
                     }
-                    None => tracing::debug!(%email, elapsed_ms, "partner knows no such customer"),
+                    None => tracing::debug!(elapsed_ms, "partner knows no such customer"),
                 }
                 (CachedAnswer::NotFound, inner.negative_ttl)
             }
             Err(error) => {
                 match &error {
                     PartnerError::AccessDenied { .. } => {
-                        tracing::error!(%email, elapsed_ms, %error, "partner refused our credentials: check upstream.user_code and upstream.app_key")
+                        tracing::error!(elapsed_ms, %error, "partner refused our credentials: check upstream.user_code and upstream.app_key")
                     }
-                    _ => tracing::warn!(%email, elapsed_ms, %error, "partner lookup failed"),
+                    _ => tracing::warn!(elapsed_ms, %error, "partner lookup failed"),
                 }
                 return Err(error);
             }

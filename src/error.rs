@@ -49,6 +49,9 @@ pub enum ApiError {
     /// 405 `method-not-allowed`.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// 413 `payload-too-large`: a request body over the limit (no route takes a body).
+    #[error("request body too large")]
+    PayloadTooLarge,
     /// 503 `request-timeout`: the request ran over `server.request_timeout_ms`.
     #[error("the request took longer than the server allows")]
     RequestTimeout,
@@ -95,6 +98,7 @@ impl ApiError {
             Self::CustomerNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Partner(e) => match e {
@@ -117,6 +121,7 @@ impl ApiError {
             Self::RateLimited { .. } => ("rate-limited", "Rate limit exceeded"),
             Self::RouteNotFound => ("not-found", "Not found"),
             Self::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
+            Self::PayloadTooLarge => ("payload-too-large", "Payload too large"),
             Self::RequestTimeout => ("request-timeout", "Request timeout"),
             Self::Internal => ("internal", "Internal error"),
             Self::Partner(e) => match e {
@@ -148,6 +153,7 @@ impl ApiError {
             ),
             Self::RouteNotFound => "No such route.".to_owned(),
             Self::MethodNotAllowed => "This route does not accept this method.".to_owned(),
+            Self::PayloadTooLarge => "No route of this service takes a request body.".to_owned(),
             Self::RequestTimeout => "The request took longer than the server allows.".to_owned(),
             Self::Internal => "The server failed while handling the request.".to_owned(),
             Self::Partner(e) => match e {

@@ -15,6 +15,7 @@
 //! - [`partner`] — the Skypostal client, its wire format and WCF dates.
 //! - [`cache`] — the credentials cache: single flight, freshness, stale answers.
 //! - [`auth`] — callers' keys.
+//! - [`rate_limit`] — per-client limits and their headers; the partner call rate.
 //! - [`routes`] — the router, the middleware stack and the handlers.
 //! - [`error`] — [`error::ApiError`] and problem+json.
 //! - [`simulator`] — the partner simulator behind `demo`, `mock-upstream` and the tests.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod partner;
+pub mod rate_limit;
 pub mod routes;
 pub mod simulator;
 pub mod startup;

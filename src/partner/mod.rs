@@ -22,6 +22,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::config::UpstreamSettings;
 use crate::domain::{Credentials, CustomerEmail};
+use crate::rate_limit::CallRate;
 pub use wire::PartnerErrorFields;
 
 /// Shortest and longest wait before a retry (before jitter).
@@ -198,6 +199,7 @@ struct Inner {
     max_retries: u32,
     max_response_bytes: usize,
     permits: Semaphore,
+    call_rate: CallRate,
     health: PartnerHealth,
 }
 
@@ -258,6 +260,7 @@ impl SkypostalClient {
                 max_retries: settings.max_retries,
                 max_response_bytes: settings.max_response_bytes,
                 permits: Semaphore::new(settings.max_concurrency),
+                call_rate: CallRate::new(settings.max_rps),
                 health: PartnerHealth::default(),
             }),
         })
@@ -298,10 +301,15 @@ impl SkypostalClient {
         let mut retries = 0;
         loop {
             let outcome = {
+                // A slot among the concurrent calls, then a start within the call rate; a lookup
+                // that cannot have both before its deadline is refused as saturation.
                 let _permit = match timeout_at(deadline, inner.permits.acquire()).await {
                     Ok(Ok(permit)) => permit,
                     Ok(Err(_)) | Err(_) => return Err(PartnerError::Saturated),
                 };
+                if !inner.call_rate.acquire(deadline).await {
+                    return Err(PartnerError::Saturated);
+                }
                 let attempt_deadline = deadline.min(Instant::now() + inner.timeout);
                 timeout_at(attempt_deadline, self.attempt(body.clone(), email))
                     .await

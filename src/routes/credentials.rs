@@ -13,6 +13,7 @@ use crate::auth::Client;
 use crate::cache::CachedAnswer;
 use crate::domain::CustomerEmail;
 use crate::error::ApiError;
+use crate::routes::RequestId;
 use crate::startup::AppState;
 
 /// The `Cache-Status` header (RFC 9211).
@@ -37,10 +38,15 @@ impl<S: Send + Sync> FromRequestParts<S> for EmailParam {
 /// Looks a customer's credentials up, from the cache or the partner.
 pub async fn get_credentials(
     State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     EmailParam(email): EmailParam,
     headers: HeaderMap,
 ) -> Response {
-    let lookup = state.cache.get(&email, wants_fresh(&headers)).await;
+    let request_id = request_id.to_str().unwrap_or("");
+    let lookup = state
+        .cache
+        .get(&email, wants_fresh(&headers), request_id)
+        .await;
     let mut response = match &lookup.result {
         Ok(entry) => match &entry.answer {
             CachedAnswer::Found(body) => (
@@ -62,13 +68,16 @@ pub async fn get_credentials(
 pub async fn purge_credentials(
     State(state): State<AppState>,
     Extension(client): Extension<Arc<Client>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     EmailParam(email): EmailParam,
 ) -> Result<StatusCode, ApiError> {
+    let request_id = request_id.to_str().unwrap_or("");
     if !client.admin {
+        tracing::warn!(request_id, client = %client.name, "purge refused: not an admin client");
         return Err(ApiError::Forbidden("purge cached answers"));
     }
     state.cache.invalidate(&email);
-    tracing::info!(client = %client.name, %email, "purged cached answer");
+    tracing::info!(request_id, client = %client.name, %email, "purged cached answer");
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -3,13 +3,19 @@
 //! Layer order, outermost first (a request flows top to bottom, its response bottom to top):
 //!
 //! 1. `edge` — assigns the request id first, so everything after it (including the problem
-//!    bodies of errors raised by inner layers) can carry it; bounds the request with
+//!    bodies of errors raised by inner layers) can carry it; opens the request's span (debug level,
+//!    free when filtered out); refuses request bodies (no route takes one); bounds the request with
 //!    `server.request_timeout_ms`; renders every [`Problem`] as `application/problem+json`; adds
 //!    `x-request-id` and `Cache-Control: no-store` to every response; logs the outcome.
+//!    One layer for all of this, because each separate layer costs on every request.
 //! 2. `CatchPanicLayer` — inside `edge`, so a panic becomes a problem+json 500 with the request id
 //!    and without the panic message.
-//! 3. routing — unknown routes and wrong methods answer problem+json through the fallbacks.
-//! 4. `authenticate` (customer routes only, as a route layer) — probes stay open to the orchestrator.
+//! 3. routing — unknown routes and wrong methods answer problem+json through the fallbacks; the
+//!    route template is known from here on, so logs never need the raw path (which holds an e-mail).
+//! 4. `admit` (customer routes only, as a route layer, so probes stay open to the orchestrator) —
+//!    authentication first, then the client's rate limit: the limit is keyed by the authenticated
+//!    client, and an unauthenticated flood cannot spend a real client's quota. Cache hits count too:
+//!    the limit is the caller's quota, not the partner's.
 
 mod credentials;
 mod health;
@@ -28,15 +34,20 @@ use axum::Router;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue};
 use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument;
 
-use crate::auth::ClientRegistry;
+use crate::auth::{Client, ClientRegistry};
 use crate::error::{ApiError, Problem};
+use crate::rate_limit::{RATELIMIT, RATELIMIT_POLICY};
 use crate::startup::AppState;
 
 pub use credentials::CACHE_STATUS;
 
 /// The request id header.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Largest request body accepted; no route takes one.
+const MAX_REQUEST_BODY: u64 = 16 * 1024;
 
 /// The request id of the current request, as a request extension.
 #[derive(Clone, Debug)]
@@ -49,10 +60,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             "/customers/{email}/credentials",
             get(credentials::get_credentials).delete(credentials::purge_credentials),
         )
-        .route_layer(middleware::from_fn_with_state(
-            state.clients.clone(),
-            authenticate,
-        ));
+        .route_layer(middleware::from_fn_with_state(state.clients.clone(), admit));
     let edge = Arc::new(Edge::new(request_timeout));
     Router::new()
         .merge(customers)
@@ -126,14 +134,30 @@ async fn edge_layer(State(edge): State<Arc<Edge>>, mut request: Request, next: N
         .insert(RequestId(request_id.clone()));
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().cloned();
+    let id = request_id.to_str().unwrap_or("");
+    let span = tracing::debug_span!(
+        "request",
+        request_id = id,
+        method = %method,
+        route = route.as_ref().map_or("-", MatchedPath::as_str),
+    );
 
-    let mut response = match tokio::time::timeout(edge.request_timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::RequestTimeout.into_response(),
+    let body_too_large = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_REQUEST_BODY);
+    let mut response = if body_too_large {
+        ApiError::PayloadTooLarge.into_response()
+    } else {
+        let run = tokio::time::timeout(edge.request_timeout, next.run(request));
+        match run.instrument(span.clone()).await {
+            Ok(response) => response,
+            Err(_) => ApiError::RequestTimeout.into_response(),
+        }
     };
 
     let status = response.status();
-    let id = request_id.to_str().unwrap_or("");
     if let Some(problem) = response.extensions_mut().remove::<Problem>() {
         if let Some(cause) = &problem.cause {
             if status.is_server_error() {
@@ -155,35 +179,62 @@ async fn edge_layer(State(edge): State<Arc<Edge>>, mut request: Request, next: N
         *response.body_mut() = Body::from(body);
     }
     let headers = response.headers_mut();
-    headers.insert(X_REQUEST_ID, request_id.clone());
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
 
-    tracing::debug!(
-        request_id = id,
-        method = %method,
-        route = route.as_ref().map_or("-", MatchedPath::as_str),
-        status = status.as_u16(),
-        latency_us = started.elapsed().as_micros() as u64,
-        cache = response.headers().get(CACHE_STATUS).and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        "request"
-    );
+    span.in_scope(|| {
+        tracing::debug!(
+            status = status.as_u16(),
+            latency_us = started.elapsed().as_micros() as u64,
+            client = response
+                .extensions()
+                .get::<Arc<Client>>()
+                .map_or("-", |c| &*c.name),
+            cache = response
+                .headers()
+                .get(CACHE_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
+            "request"
+        );
+    });
+    response.headers_mut().insert(X_REQUEST_ID, request_id);
     response
 }
 
-// === authentication ===
+// === admission: authentication, then the client's rate limit ===
 
-async fn authenticate(
+async fn admit(
     State(clients): State<Arc<ClientRegistry>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    match clients.authenticate(request.headers()) {
-        Ok(client) => {
-            request.extensions_mut().insert(client);
-            next.run(request).await
+    let client = match clients.authenticate(request.headers()) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::debug!("request refused: missing or unknown key");
+            return e.into_response();
         }
-        Err(e) => e.into_response(),
-    }
+    };
+    let (mut response, ratelimit) = match client.limiter.check() {
+        Ok(ratelimit) => {
+            request.extensions_mut().insert(client.clone());
+            (next.run(request).await, ratelimit)
+        }
+        Err(limited) => {
+            tracing::debug!(client = %client.name, "request refused: rate limit spent");
+            let response = ApiError::RateLimited {
+                retry_after: limited.retry_after,
+            }
+            .into_response();
+            (response, limited.header)
+        }
+    };
+    let headers = response.headers_mut();
+    headers.insert(RATELIMIT_POLICY, client.limiter.policy().clone());
+    headers.insert(RATELIMIT, ratelimit);
+    // For the edge's log line.
+    response.extensions_mut().insert(client);
+    response
 }
 
 // === fallbacks ===

@@ -4,6 +4,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -29,7 +30,7 @@ fn config_file(contents: &str) -> PathBuf {
 }
 
 /// A config for the binary: loopback port 0, JSON logs, one client, the simulator as partner.
-fn binary_config(partner: SocketAddr, extra_server: &str) -> PathBuf {
+pub fn binary_config(partner: SocketAddr, extra_server: &str) -> PathBuf {
     config_file(&format!(
         r#"
 [server]
@@ -52,8 +53,16 @@ key_sha256 = "{}"
     ))
 }
 
-/// Starts `serve` and reads its JSON log until the listening address appears.
-async fn spawn_serve(config: &PathBuf, env: &[(&str, &str)]) -> (Child, SocketAddr) {
+/// A child process of the binary, with everything it wrote to standard error so far.
+pub struct Served {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+/// Starts `serve` and reads its JSON log until the listening address appears; keeps collecting
+/// standard error afterwards.
+pub async fn spawn_serve(config: &PathBuf, env: &[(&str, &str)]) -> Served {
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
@@ -64,9 +73,11 @@ async fn spawn_serve(config: &PathBuf, env: &[(&str, &str)]) -> (Child, SocketAd
         .kill_on_drop(true)
         .spawn()
         .expect("binary starts");
+    let stderr = Arc::new(Mutex::new(String::new()));
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let addr = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(line) = lines.next_line().await.expect("stderr is readable") {
+            stderr.lock().unwrap().push_str(&format!("{line}\n"));
             let Ok(event) = serde_json::from_str::<Value>(&line) else {
                 continue;
             };
@@ -78,12 +89,21 @@ async fn spawn_serve(config: &PathBuf, env: &[(&str, &str)]) -> (Child, SocketAd
     })
     .await
     .expect("the binary listens within 10 s");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    // Keep reading so the child never blocks on a full pipe.
+    let sink = stderr.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+    Served {
+        child,
+        addr,
+        stderr,
+    }
 }
 
-async fn start_simulator(app_key: &str) -> (Simulator, SocketAddr) {
+pub async fn start_simulator(app_key: &str) -> (Simulator, SocketAddr) {
     let sim = Simulator::new(USER_CODE, app_key);
     let addr = sim
         .spawn(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
@@ -92,7 +112,7 @@ async fn start_simulator(app_key: &str) -> (Simulator, SocketAddr) {
     (sim, addr)
 }
 
-fn sigterm(child: &Child) {
+pub fn sigterm(child: &Child) {
     let pid = child.id().expect("child is running");
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -107,7 +127,9 @@ async fn sigterm_drains_and_lets_an_in_flight_request_finish() {
     let (sim, partner) = start_simulator(APP_KEY).await;
     sim.set_fault(Some("slow@example.com"), Fault::Slow { ms: 1_500 });
     let config = binary_config(partner, "drain_delay_s = 1\nshutdown_grace_s = 10");
-    let (mut child, addr) = spawn_serve(&config, &[]).await;
+    let Served {
+        mut child, addr, ..
+    } = spawn_serve(&config, &[]).await;
     let http = reqwest::Client::new();
     let url = format!("http://{addr}/customers/slow%40example.com/credentials");
     let in_flight = tokio::spawn({
@@ -146,7 +168,9 @@ async fn sigterm_with_a_request_outliving_the_grace_period_exits_non_zero() {
     let (sim, partner) = start_simulator(APP_KEY).await;
     sim.set_fault(None, Fault::Slow { ms: 8_000 });
     let config = binary_config(partner, "shutdown_grace_s = 1");
-    let (mut child, addr) = spawn_serve(&config, &[]).await;
+    let Served {
+        mut child, addr, ..
+    } = spawn_serve(&config, &[]).await;
     let in_flight = tokio::spawn(
         reqwest::Client::new()
             .get(format!(
@@ -172,7 +196,11 @@ async fn sigterm_with_a_request_outliving_the_grace_period_exits_non_zero() {
 async fn environment_overrides_keep_numeric_looking_secrets_as_strings() {
     let (sim, partner) = start_simulator("000123").await;
     let config = binary_config(partner, "");
-    let (_child, addr) = spawn_serve(
+    let Served {
+        addr,
+        child: _child,
+        ..
+    } = spawn_serve(
         &config,
         &[
             ("SKYPOSTAL_PROXY__UPSTREAM__APP_KEY", "000123"),

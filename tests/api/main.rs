@@ -5,5 +5,7 @@ mod binary;
 mod credentials;
 mod freshness;
 mod helpers;
+mod limits;
+mod logs;
 mod partner_failures;
 mod routes;
