@@ -9,7 +9,6 @@
 //!   every waiter even when the caller that started it goes away.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -20,46 +19,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+pub use crate::clock::Clock;
 use crate::config::CacheSettings;
 use crate::domain::CustomerEmail;
 use crate::partner::{PartnerAnswer, PartnerError, SkypostalClient};
-
-/// A time source for freshness decisions; tests move it forward instead of sleeping.
-#[derive(Clone, Debug, Default)]
-pub struct Clock {
-    /// Added to the real monotonic clock; only a manual clock has one.
-    skew: Option<Arc<AtomicU64>>,
-}
-
-impl Clock {
-    /// The real monotonic clock.
-    pub fn system() -> Self {
-        Self::default()
-    }
-
-    /// A clock that follows real time and can also be moved forward with [`Clock::advance`].
-    pub fn manual() -> Self {
-        Self {
-            skew: Some(Arc::new(AtomicU64::new(0))),
-        }
-    }
-
-    /// Moves a manual clock forward (no effect on the system clock).
-    pub fn advance(&self, by: Duration) {
-        if let Some(skew) = &self.skew {
-            skew.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
-        }
-    }
-
-    /// Now.
-    pub fn now(&self) -> Instant {
-        let now = Instant::now();
-        match &self.skew {
-            Some(skew) => now + Duration::from_millis(skew.load(Ordering::SeqCst)),
-            None => now,
-        }
-    }
-}
 
 /// A keyed hash of a normalized e-mail: 128 bits, so collisions are out of reach.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]

@@ -99,6 +99,12 @@ struct RawUpstream {
     max_concurrency: usize,
     max_rps: u32,
     max_response_bytes: usize,
+    retry_after_cap_s: u64,
+    circuit_failures: u32,
+    circuit_failure_ratio: f64,
+    circuit_min_calls: u32,
+    circuit_window_s: u64,
+    circuit_cooldown_s: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +200,21 @@ pub struct UpstreamSettings {
     pub max_rps: u32,
     /// Largest partner answer read.
     pub max_response_bytes: usize,
+    /// Longest partner `Retry-After` honoured.
+    #[serde(serialize_with = "as_secs")]
+    pub retry_after_cap: Duration,
+    /// Consecutive failed calls that open the circuit.
+    pub circuit_failures: u32,
+    /// Share of failed calls in the window that opens the circuit.
+    pub circuit_failure_ratio: f64,
+    /// Calls the window must hold before the ratio counts.
+    pub circuit_min_calls: u32,
+    /// Length of the failure-counting window.
+    #[serde(serialize_with = "as_secs")]
+    pub circuit_window: Duration,
+    /// How long the circuit stays open before one probe call.
+    #[serde(serialize_with = "as_secs")]
+    pub circuit_cooldown: Duration,
 }
 
 impl UpstreamSettings {
@@ -471,6 +492,17 @@ impl RawUpstream {
                 "must be at most 10",
             ));
         }
+        positive("upstream.retry_after_cap_s", self.retry_after_cap_s)?;
+        positive("upstream.circuit_failures", self.circuit_failures.into())?;
+        positive("upstream.circuit_min_calls", self.circuit_min_calls.into())?;
+        positive("upstream.circuit_window_s", self.circuit_window_s)?;
+        positive("upstream.circuit_cooldown_s", self.circuit_cooldown_s)?;
+        if !(self.circuit_failure_ratio > 0.0 && self.circuit_failure_ratio <= 1.0) {
+            return Err(ConfigError::invalid(
+                "upstream.circuit_failure_ratio",
+                "must be greater than 0 and at most 1",
+            ));
+        }
 
         Ok(UpstreamSettings {
             environment,
@@ -486,6 +518,12 @@ impl RawUpstream {
             max_concurrency: self.max_concurrency,
             max_rps: self.max_rps,
             max_response_bytes: self.max_response_bytes,
+            retry_after_cap: Duration::from_secs(self.retry_after_cap_s),
+            circuit_failures: self.circuit_failures,
+            circuit_failure_ratio: self.circuit_failure_ratio,
+            circuit_min_calls: self.circuit_min_calls,
+            circuit_window: Duration::from_secs(self.circuit_window_s),
+            circuit_cooldown: Duration::from_secs(self.circuit_cooldown_s),
         })
     }
 }

@@ -103,9 +103,10 @@ impl ApiError {
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Partner(e) => match e {
                 PartnerError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                PartnerError::Saturated | PartnerError::Backoff { .. } => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                PartnerError::Saturated
+                | PartnerError::Backoff { .. }
+                | PartnerError::Throttled { .. }
+                | PartnerError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::BAD_GATEWAY,
             },
         }
@@ -126,8 +127,11 @@ impl ApiError {
             Self::Internal => ("internal", "Internal error"),
             Self::Partner(e) => match e {
                 PartnerError::Timeout => ("upstream-timeout", "Partner timeout"),
-                PartnerError::Saturated | PartnerError::Backoff { .. } => {
-                    ("upstream-saturated", "Partner saturated")
+                PartnerError::Saturated
+                | PartnerError::Backoff { .. }
+                | PartnerError::Throttled { .. } => ("upstream-saturated", "Partner saturated"),
+                PartnerError::CircuitOpen { .. } => {
+                    ("upstream-circuit-open", "Partner circuit open")
                 }
                 _ => ("upstream-error", "Partner error"),
             },
@@ -163,8 +167,12 @@ impl ApiError {
                 PartnerError::Saturated => {
                     "Too many partner calls are in flight; retry shortly.".to_owned()
                 }
-                PartnerError::Backoff { .. } => {
+                PartnerError::Backoff { .. } | PartnerError::Throttled { .. } => {
                     "The partner asked for fewer calls; retry after the given delay.".to_owned()
+                }
+                PartnerError::CircuitOpen { .. } => {
+                    "The partner has been failing; calls are paused briefly to let it recover."
+                        .to_owned()
                 }
                 PartnerError::Transport(_) => "The partner could not be reached.".to_owned(),
                 PartnerError::Status { status } => {
@@ -211,7 +219,11 @@ impl IntoResponse for ApiError {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Self::RateLimited { retry_after }
-            | Self::Partner(PartnerError::Backoff { retry_after, .. }) => {
+            | Self::Partner(
+                PartnerError::Backoff { retry_after, .. }
+                | PartnerError::Throttled { retry_after }
+                | PartnerError::CircuitOpen { retry_after },
+            ) => {
                 headers.insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
             }
             Self::Partner(PartnerError::Saturated) => {

@@ -14,6 +14,7 @@
 //! - [`domain`] — [`domain::CustomerEmail`] and the [`domain::Credentials`] record.
 //! - [`partner`] — the Skypostal client, its wire format and WCF dates.
 //! - [`cache`] — the credentials cache: single flight, freshness, stale answers.
+//! - [`clock`] — the injectable clock of freshness and circuit decisions.
 //! - [`auth`] — callers' keys.
 //! - [`rate_limit`] — per-client limits and their headers; the partner call rate.
 //! - [`routes`] — the router, the middleware stack and the handlers.
@@ -25,6 +26,7 @@
 pub mod auth;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -92,7 +92,7 @@ impl Application {
 
     /// Builds with a given freshness clock (tests move a manual clock instead of sleeping).
     pub async fn build_with_clock(settings: &Settings, clock: Clock) -> Result<Self, StartupError> {
-        let partner = SkypostalClient::new(&settings.upstream)?;
+        let partner = SkypostalClient::new(&settings.upstream, clock.clone())?;
         let state = AppState {
             cache: CredentialsCache::new(&settings.cache, partner, clock),
             clients: Arc::new(ClientRegistry::from_settings(settings)),

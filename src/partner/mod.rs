@@ -5,6 +5,7 @@
 //! timeout, retries with full-jitter exponential backoff for transient failures, the whole lookup
 //! inside one deadline, the answer read up to a size cap and mapped by [`wire::map_answer`].
 
+pub mod breaker;
 pub mod wcf_date;
 pub mod wire;
 
@@ -20,17 +21,18 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
+use crate::clock::Clock;
 use crate::config::UpstreamSettings;
 use crate::domain::{Credentials, CustomerEmail};
 use crate::rate_limit::CallRate;
+use breaker::{Breaker, BreakerPolicy, Verdict};
 pub use wire::PartnerErrorFields;
 
 /// Shortest and longest wait before a retry (before jitter).
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
-/// How long to back off when a 429/503 names no usable `Retry-After`, and the most we honour.
+/// How long to back off when a 429/503 names no usable `Retry-After`.
 const RETRY_AFTER_DEFAULT: Duration = Duration::from_secs(5);
-const RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
 
 /// What the partner said about a customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +72,18 @@ pub enum PartnerError {
         /// How long to send nothing, capped.
         retry_after: Duration,
     },
+    /// The circuit is open after repeated partner failures: no call was made (503).
+    #[error("the circuit is open after repeated partner failures")]
+    CircuitOpen {
+        /// Until the next probe.
+        retry_after: Duration,
+    },
+    /// The partner asked us to back off earlier and the time is not up: no call was made (503).
+    #[error("backing off at the partner's request")]
+    Throttled {
+        /// Until the partner's back-off ends.
+        retry_after: Duration,
+    },
     /// A body that is not the documented JSON (502).
     #[error("the partner's answer is unreadable: {reason}")]
     Unreadable {
@@ -106,7 +120,11 @@ impl PartnerError {
     /// The partner's HTTP status, when an answer came (for `Cache-Status: fwd-status`).
     pub fn fwd_status(&self) -> Option<u16> {
         match self {
-            Self::Timeout | Self::Saturated | Self::Transport(_) => None,
+            Self::Timeout
+            | Self::Saturated
+            | Self::Transport(_)
+            | Self::CircuitOpen { .. }
+            | Self::Throttled { .. } => None,
             Self::Status { status } | Self::Backoff { status, .. } => Some(*status),
             Self::Unreadable { .. }
             | Self::TooLarge { .. }
@@ -155,7 +173,11 @@ impl PartnerHealth {
                 self.last_auth_failure_unix.store(now, Ordering::Relaxed);
                 self.last_failure_unix.store(now, Ordering::Relaxed);
             }
-            Err(PartnerError::Saturated) => {}
+            Err(
+                PartnerError::Saturated
+                | PartnerError::CircuitOpen { .. }
+                | PartnerError::Throttled { .. },
+            ) => {}
             Err(_) => self.last_failure_unix.store(now, Ordering::Relaxed),
         }
     }
@@ -200,6 +222,8 @@ struct Inner {
     max_response_bytes: usize,
     permits: Semaphore,
     call_rate: CallRate,
+    breaker: Breaker,
+    retry_after_cap: Duration,
     health: PartnerHealth,
 }
 
@@ -237,8 +261,8 @@ impl AttemptError {
 }
 
 impl SkypostalClient {
-    /// Builds the client and its connection pool.
-    pub fn new(settings: &UpstreamSettings) -> Result<Self, ClientBuildError> {
+    /// Builds the client and its connection pool; `clock` times the circuit breaker.
+    pub fn new(settings: &UpstreamSettings, clock: Clock) -> Result<Self, ClientBuildError> {
         let http = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -261,6 +285,17 @@ impl SkypostalClient {
                 max_response_bytes: settings.max_response_bytes,
                 permits: Semaphore::new(settings.max_concurrency),
                 call_rate: CallRate::new(settings.max_rps),
+                breaker: Breaker::new(
+                    BreakerPolicy {
+                        consecutive_failures: settings.circuit_failures,
+                        failure_ratio: settings.circuit_failure_ratio,
+                        min_calls: settings.circuit_min_calls,
+                        window: settings.circuit_window,
+                        cooldown: settings.circuit_cooldown,
+                    },
+                    clock,
+                ),
+                retry_after_cap: settings.retry_after_cap,
                 health: PartnerHealth::default(),
             }),
         })
@@ -269,6 +304,11 @@ impl SkypostalClient {
     /// The partner's health as seen through our lookups.
     pub fn health(&self) -> &PartnerHealth {
         &self.inner.health
+    }
+
+    /// The circuit breaker's state: `closed`, `open` or `half-open`.
+    pub fn circuit_state(&self) -> &'static str {
+        self.inner.breaker.state_label()
     }
 
     /// Looks one customer up, within the configured deadline.
@@ -310,10 +350,13 @@ impl SkypostalClient {
                 if !inner.call_rate.acquire(deadline).await {
                     return Err(PartnerError::Saturated);
                 }
+                let ticket = inner.breaker.admit()?;
                 let attempt_deadline = deadline.min(Instant::now() + inner.timeout);
-                timeout_at(attempt_deadline, self.attempt(body.clone(), email))
+                let outcome = timeout_at(attempt_deadline, self.attempt(body.clone(), email))
                     .await
-                    .unwrap_or(Err(AttemptError::retry(PartnerError::Timeout)))
+                    .unwrap_or(Err(AttemptError::retry(PartnerError::Timeout)));
+                ticket.finish(Verdict::of(outcome.as_ref().err().map(|f| &f.error)));
+                outcome
             };
             let failure = match outcome {
                 Ok(answer) => return Ok(answer),
@@ -356,7 +399,10 @@ impl SkypostalClient {
             return Err(match code {
                 429 | 503 => AttemptError::fatal(PartnerError::Backoff {
                     status: code,
-                    retry_after: retry_after(response.headers().get(RETRY_AFTER)),
+                    retry_after: retry_after(
+                        response.headers().get(RETRY_AFTER),
+                        inner.retry_after_cap,
+                    ),
                 }),
                 500 | 502 | 504 => AttemptError::retry(PartnerError::Status { status: code }),
                 _ => AttemptError::fatal(PartnerError::Status { status: code }),
@@ -412,12 +458,12 @@ fn full_jitter(retry: u32) -> Duration {
 }
 
 /// `Retry-After` in seconds, defaulted and capped (an HTTP-date is treated as absent).
-pub fn retry_after(value: Option<&HeaderValue>) -> Duration {
+pub fn retry_after(value: Option<&HeaderValue>, cap: Duration) -> Duration {
     value
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(RETRY_AFTER_DEFAULT, Duration::from_secs)
-        .min(RETRY_AFTER_CAP)
+        .min(cap)
 }
 
 #[cfg(test)]
@@ -437,21 +483,12 @@ mod tests {
 
     #[test]
     fn retry_after_is_defaulted_and_capped() {
-        assert_eq!(retry_after(None), RETRY_AFTER_DEFAULT);
-        assert_eq!(
-            retry_after(Some(&HeaderValue::from_static("2"))),
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            retry_after(Some(&HeaderValue::from_static("86400"))),
-            RETRY_AFTER_CAP
-        );
-        assert_eq!(
-            retry_after(Some(&HeaderValue::from_static(
-                "Wed, 21 Oct 2015 07:28:00 GMT"
-            ))),
-            RETRY_AFTER_DEFAULT
-        );
+        let cap = Duration::from_secs(30);
+        let parse = |v: &'static str| retry_after(Some(&HeaderValue::from_static(v)), cap);
+        assert_eq!(retry_after(None, cap), RETRY_AFTER_DEFAULT);
+        assert_eq!(parse("2"), Duration::from_secs(2));
+        assert_eq!(parse("86400"), cap);
+        assert_eq!(parse("Wed, 21 Oct 2015 07:28:00 GMT"), RETRY_AFTER_DEFAULT);
     }
 
     #[test]

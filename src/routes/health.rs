@@ -27,6 +27,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             "listener": if draining { "draining" } else { "accepting" },
             "partner": {
                 "credentials": if health.auth_failing() { "refused" } else { "ok" },
+                "circuit": state.cache.partner().circuit_state(),
                 "last_success_unix": health.last_success_unix(),
                 "last_failure_unix": health.last_failure_unix(),
             },

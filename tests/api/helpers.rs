@@ -45,6 +45,9 @@ path = "{PARTNER_PATH}"
 timeout_ms = 2000
 connect_timeout_ms = 500
 max_retries = 2
+# Tests that need the circuit breaker set it low themselves.
+circuit_failures = 1000
+circuit_min_calls = 100000
 
 [rate_limit]
 default_per_s = 100000
