@@ -233,6 +233,26 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+
+        /// Any input: no panic; an accepted address is a fixed point and meets every rule.
+        #[test]
+        fn parse_never_panics_and_accepts_only_valid_addresses(raw in "\\PC{0,300}|[a-zA-Z0-9.\"\\\\ +@\u{e9}\u{130}\u{0}-\u{1f}]{0,80}") {
+            if let Ok(email) = CustomerEmail::parse(&raw) {
+                let s = email.as_str();
+                proptest::prop_assert!(s.len() <= MAX_EMAIL_BYTES);
+                proptest::prop_assert!(!s.chars().any(|c| c.is_whitespace() || c.is_control()));
+                let (local, domain) = s.rsplit_once('@').expect("has @");
+                proptest::prop_assert!(!local.is_empty() && !domain.is_empty());
+                let again = CustomerEmail::parse(s);
+                proptest::prop_assert_eq!(again.as_ref().map(CustomerEmail::as_str), Ok(s));
+                let masked = email.to_string();
+                proptest::prop_assert!(masked.contains("***@"));
+            }
+        }
+    }
+
     #[test]
     fn credentials_debug_hides_the_customer_key() {
         let c = Credentials {

@@ -150,6 +150,39 @@ mod tests {
         assert_eq!(ok("/Date(-62135629200000+0900)/"), None);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+
+        /// Any input: no panic.
+        #[test]
+        fn parse_never_panics(raw in "\\PC{0,40}|/Date\\([-+0-9]{0,24}\\)/") {
+            let _ = parse_wcf_date(&raw);
+        }
+
+        /// Every representable instant and offset round-trips to the same instant and offset.
+        #[test]
+        fn valid_dates_round_trip(
+            ms in -62_135_596_800_000i64..=253_402_300_799_999,
+            negative in proptest::bool::ANY,
+            hours in 0u8..24,
+            minutes in 0u8..60,
+        ) {
+            let sign = if negative { '-' } else { '+' };
+            let raw = format!("/Date({ms}{sign}{hours:02}{minutes:02})/");
+            match parse_wcf_date(&raw) {
+                Ok(Some(text)) => {
+                    let parsed = OffsetDateTime::parse(&text, &Rfc3339).expect("RFC 3339");
+                    proptest::prop_assert_eq!(parsed.unix_timestamp_nanos(), i128::from(ms) * 1_000_000);
+                    let seconds = (i32::from(hours) * 3600 + i32::from(minutes) * 60) * if negative { -1 } else { 1 };
+                    proptest::prop_assert_eq!(parsed.offset().whole_seconds(), seconds);
+                }
+                Ok(None) => proptest::prop_assert!(ms < -62_104_060_800_000 + 86_400_000, "only year 1 is no date: {}", raw),
+                Err(WcfDateError::Range) => proptest::prop_assert!(ms > 253_402_000_000_000, "only the far end overflows: {}", raw),
+                Err(e) => proptest::prop_assert!(false, "{}: {}", raw, e),
+            }
+        }
+    }
+
     #[test]
     fn malformed_values_are_errors() {
         let cases = [

@@ -283,6 +283,61 @@ mod tests {
         ));
     }
 
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::String),
+            Just(Value::from("/Date(1550761010000-0500)/")),
+            Just(Value::from("/Date(-62135578800000-0500)/")),
+        ];
+        let keys = prop_oneof![
+            Just("_verify".to_owned()),
+            Just("customer_key".to_owned()),
+            Just("customer_box_id".to_owned()),
+            Just("activation_date".to_owned()),
+            Just("enrolment_date".to_owned()),
+            Just("error".to_owned()),
+            Just("error_code".to_owned()),
+            Just("error_description".to_owned()),
+            Just("system_error".to_owned()),
+            Just("is_vip".to_owned()),
+            "[a-z_]{1,8}",
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(keys.clone(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5_000))]
+
+        /// Any bytes: no panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = map_answer(&body, &email());
+        }
+
+        /// Any JSON shaped like the partner's (records of the known fields, any types): no panic,
+        /// and a success always carries a customer key.
+        #[test]
+        fn partner_shaped_json_never_panics(records in proptest::collection::vec(json_value(), 0..3)) {
+            let body = serde_json::to_vec(&records).expect("serializable");
+            if let Ok(PartnerAnswer::Found(c)) = map_answer(&body, &email()) {
+                proptest::prop_assert!(!c.customer_key.is_empty());
+                proptest::prop_assert_eq!(records.len(), 1);
+            }
+        }
+    }
+
     #[test]
     fn request_body_stays_valid_json_for_any_email() {
         let body = serde_json::to_string(&PartnerRequest {

@@ -8,4 +8,6 @@ mod helpers;
 mod limits;
 mod logs;
 mod partner_failures;
+mod resilience;
 mod routes;
+mod soak;
