@@ -23,6 +23,10 @@ pub use crate::clock::Clock;
 use crate::config::CacheSettings;
 use crate::domain::CustomerEmail;
 use crate::partner::{PartnerAnswer, PartnerError, SkypostalClient};
+use crate::telemetry::RequestId;
+
+/// Longest freshness for which hit `Cache-Status` values are prepared at start-up.
+const PREPARED_HIT_TTL_S: u64 = 3600;
 
 /// A keyed hash of a normalized e-mail: 128 bits, so collisions are out of reach.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -153,6 +157,8 @@ struct Inner {
     negative_ttl: Duration,
     stale_if_error: Duration,
     stale_while_revalidate: Duration,
+    /// `Cache-Status` of a hit with `i` seconds left, so a hit formats nothing.
+    hit_headers: Box<[HeaderValue]>,
 }
 
 /// Keeps each entry for its own `keep_for`.
@@ -193,10 +199,19 @@ impl CredentialsCache {
     /// Builds the cache in front of `partner`.
     pub fn new(settings: &CacheSettings, partner: SkypostalClient, clock: Clock) -> Self {
         let secs = Duration::from_secs;
+        let longest_ttl = settings
+            .ttl_s
+            .max(settings.negative_ttl_s)
+            .min(PREPARED_HIT_TTL_S);
+        let hit_headers = (0..=longest_ttl)
+            .map(|ttl_s| CacheStatus::Hit { ttl_s }.header_value())
+            .collect();
         Self {
             inner: Arc::new(Inner {
                 entries: Cache::builder()
                     .max_capacity(settings.max_entries)
+                    // Sized up front: growing the table under load rehashes on the miss path.
+                    .initial_capacity(settings.max_entries.min(1 << 17) as usize)
                     .expire_after(KeepFor)
                     .build(),
                 inflight: Mutex::new(HashMap::new()),
@@ -207,6 +222,7 @@ impl CredentialsCache {
                 negative_ttl: secs(settings.negative_ttl_s),
                 stale_if_error: secs(settings.stale_if_error_s),
                 stale_while_revalidate: secs(settings.stale_while_revalidate_s),
+                hit_headers,
             }),
         }
     }
@@ -225,7 +241,7 @@ impl CredentialsCache {
     /// Answers from the cache or the partner. `force` skips the cached answer (the caller sent
     /// `Cache-Control: no-cache`); the lookup is still shared with concurrent ones. `request_id`
     /// labels the logs of a partner lookup this call starts.
-    pub async fn get(&self, email: &CustomerEmail, force: bool, request_id: &str) -> Lookup {
+    pub async fn get(&self, email: &CustomerEmail, force: bool, request_id: &RequestId) -> Lookup {
         let key = self.key(email);
         let cached = self.inner.entries.get(&key);
         let now = self.inner.clock.now();
@@ -297,6 +313,17 @@ impl CredentialsCache {
         }
     }
 
+    /// The `Cache-Status` value of a lookup's status.
+    pub fn status_header(&self, status: CacheStatus) -> HeaderValue {
+        match status {
+            CacheStatus::Hit { ttl_s } => match self.inner.hit_headers.get(ttl_s as usize) {
+                Some(prepared) => prepared.clone(),
+                None => status.header_value(),
+            },
+            other => other.header_value(),
+        }
+    }
+
     /// Drops the cached answer for an address, if any.
     pub fn invalidate(&self, email: &CustomerEmail) {
         self.inner.entries.invalidate(&self.key(email));
@@ -318,7 +345,7 @@ impl CredentialsCache {
         key: CacheKey,
         email: &CustomerEmail,
         force: bool,
-        request_id: &str,
+        request_id: &RequestId,
     ) -> Role {
         let inner = &self.inner;
         let mut inflight = inner
@@ -343,10 +370,13 @@ impl CredentialsCache {
 
         let this = self.clone();
         let email = email.clone();
-        let span = tracing::info_span!("lookup", request_id, email = %email);
+        let request_id = request_id.clone();
+        // Debug level: an enabled span costs microseconds per miss; the lookup's warnings carry
+        // the request id and masked e-mail themselves.
+        let span = tracing::debug_span!("lookup", %request_id, %email);
         tokio::spawn(
             async move {
-                let fetched = this.fetch(&email).await;
+                let fetched = this.fetch(&email, &request_id).await;
                 if let Ok(entry) = &fetched {
                     this.inner.entries.insert(key, entry.clone());
                 }
@@ -364,7 +394,7 @@ impl CredentialsCache {
     }
 
     /// One partner lookup, turned into a cache entry.
-    async fn fetch(&self, email: &CustomerEmail) -> Fetched {
+    async fn fetch(&self, email: &CustomerEmail, request_id: &RequestId) -> Fetched {
         let inner = &self.inner;
         let started = Instant::now();
         let answer = inner.partner.lookup(email).await;
@@ -381,7 +411,7 @@ impl CredentialsCache {
             Ok(PartnerAnswer::NotFound { fields }) => {
                 match fields.as_ref().and_then(|f| f.description.as_deref()) {
                     Some(description) => {
-                        tracing::warn!(elapsed_ms, description, "partner knows no such customer")
+                        tracing::warn!(%request_id, %email, elapsed_ms, description, "partner knows no such customer")
                     }
                     None => tracing::debug!(elapsed_ms, "partner knows no such customer"),
                 }
@@ -390,9 +420,11 @@ impl CredentialsCache {
             Err(error) => {
                 match &error {
                     PartnerError::AccessDenied { .. } => {
-                        tracing::error!(elapsed_ms, %error, "partner refused our credentials: check upstream.user_code and upstream.app_key")
+                        tracing::error!(%request_id, %email, elapsed_ms, %error, "partner refused our credentials: check upstream.user_code and upstream.app_key")
                     }
-                    _ => tracing::warn!(elapsed_ms, %error, "partner lookup failed"),
+                    _ => {
+                        tracing::warn!(%request_id, %email, elapsed_ms, %error, "partner lookup failed")
+                    }
                 }
                 return Err(error);
             }

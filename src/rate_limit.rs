@@ -95,7 +95,8 @@ impl fmt::Debug for ClientLimiter {
 }
 
 fn ratelimit_header(remaining: u32, t: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"client\";r={remaining};t={t}"))
+    // From the `String` itself: `from_str` would copy it once more.
+    HeaderValue::try_from(format!("\"client\";r={remaining};t={t}"))
         .unwrap_or(HeaderValue::from_static("\"client\""))
 }
 

@@ -21,9 +21,20 @@ use crate::config::Settings;
 use crate::partner::{ClientBuildError, SkypostalClient};
 use crate::routes;
 
-/// Shared handles given to every handler. Cheap to clone.
+/// Shared handles given to every handler: one reference count to clone per request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppShared>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppShared;
+
+    fn deref(&self) -> &AppShared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct AppShared {
     /// The credentials cache and, behind it, the partner client.
     pub cache: CredentialsCache,
     /// The configured callers.
@@ -93,11 +104,11 @@ impl Application {
     /// Builds with a given freshness clock (tests move a manual clock instead of sleeping).
     pub async fn build_with_clock(settings: &Settings, clock: Clock) -> Result<Self, StartupError> {
         let partner = SkypostalClient::new(&settings.upstream, clock.clone())?;
-        let state = AppState {
+        let state = AppState(Arc::new(AppShared {
             cache: CredentialsCache::new(&settings.cache, partner, clock),
             clients: Arc::new(ClientRegistry::from_settings(settings)),
             readiness: Arc::new(Readiness::default()),
-        };
+        }));
         let listener = bind("server.listen", settings.server.listen).await?;
         let admin_listener = match settings.server.admin_listen {
             Some(addr) => Some(bind("server.admin_listen", addr).await?),

@@ -37,3 +37,41 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Pretty => builder.with_target(false).try_init(),
     };
 }
+
+/// A request's id: the caller's `x-request-id` when it is valid, or one generated here.
+///
+/// Generated ids stay two integers until something needs the text, so tagging a request costs
+/// no allocation; they render as `<process prefix>-<counter>` in hex.
+#[derive(Clone, Debug)]
+pub enum RequestId {
+    /// Made here.
+    Generated {
+        /// Random per process, so ids from restarted replicas do not collide in log searches.
+        prefix: u32,
+        /// Per-process counter.
+        n: u64,
+    },
+    /// The caller's, validated.
+    Incoming(http::HeaderValue),
+}
+
+impl RequestId {
+    /// The id as an `x-request-id` header value.
+    pub fn header_value(&self) -> http::HeaderValue {
+        match self {
+            Self::Incoming(v) => v.clone(),
+            Self::Generated { .. } => http::HeaderValue::try_from(self.to_string())
+                .unwrap_or(http::HeaderValue::from_static("unknown")),
+        }
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Generated { prefix, n } => write!(f, "{prefix:08x}-{n:x}"),
+            // Incoming ids are validated to visible ASCII before they are accepted.
+            Self::Incoming(v) => f.write_str(v.to_str().unwrap_or("")),
+        }
+    }
+}

@@ -38,15 +38,11 @@ impl<S: Send + Sync> FromRequestParts<S> for EmailParam {
 /// Looks a customer's credentials up, from the cache or the partner.
 pub async fn get_credentials(
     State(state): State<AppState>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
+    Extension(request_id): Extension<RequestId>,
     EmailParam(email): EmailParam,
-    headers: HeaderMap,
+    FreshLookup(force): FreshLookup,
 ) -> Response {
-    let request_id = request_id.to_str().unwrap_or("");
-    let lookup = state
-        .cache
-        .get(&email, wants_fresh(&headers), request_id)
-        .await;
+    let lookup = state.cache.get(&email, force, &request_id).await;
     let mut response = match &lookup.result {
         Ok(entry) => match &entry.answer {
             CachedAnswer::Found(body) => (
@@ -60,7 +56,7 @@ pub async fn get_credentials(
     };
     response
         .headers_mut()
-        .insert(CACHE_STATUS, lookup.status.header_value());
+        .insert(CACHE_STATUS, state.cache.status_header(lookup.status));
     response
 }
 
@@ -68,17 +64,28 @@ pub async fn get_credentials(
 pub async fn purge_credentials(
     State(state): State<AppState>,
     Extension(client): Extension<Arc<Client>>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
+    Extension(request_id): Extension<RequestId>,
     EmailParam(email): EmailParam,
 ) -> Result<StatusCode, ApiError> {
-    let request_id = request_id.to_str().unwrap_or("");
     if !client.admin {
-        tracing::warn!(request_id, client = %client.name, "purge refused: not an admin client");
+        tracing::warn!(%request_id, client = %client.name, "purge refused: not an admin client");
         return Err(ApiError::Forbidden("purge cached answers"));
     }
     state.cache.invalidate(&email);
-    tracing::info!(request_id, client = %client.name, %email, "purged cached answer");
+    tracing::info!(%request_id, client = %client.name, %email, "purged cached answer");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether the caller sent `Cache-Control: no-cache` (read in place: a `HeaderMap` extractor
+/// would copy every header).
+pub struct FreshLookup(pub bool);
+
+impl<S: Send + Sync> FromRequestParts<S> for FreshLookup {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(wants_fresh(&parts.headers)))
+    }
 }
 
 /// Whether the caller sent `Cache-Control: no-cache`.
