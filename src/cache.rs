@@ -4,7 +4,7 @@
 //!   is never stored as a key.
 //! - Found customers are stored pre-serialized (`Bytes`), so a hit is a reference-count bump.
 //! - Freshness is judged from the entry's own `stored_at` against an injectable [`Clock`]; moka
-//!   only reclaims memory, keeping each entry for its TTL plus the longest stale window.
+//!   only reclaims memory, keeping every entry for the longest TTL plus the longest stale window.
 //! - Misses for one key share one partner call. The call runs in its own task and completes for
 //!   every waiter even when the caller that started it goes away.
 
@@ -48,8 +48,6 @@ pub struct Entry {
     pub answer: CachedAnswer,
     stored_at: Instant,
     fresh_for: Duration,
-    /// How long moka keeps it: `fresh_for` plus the longest stale window.
-    keep_for: Duration,
 }
 
 /// How a lookup was answered, as `Cache-Status` (RFC 9211) reports it.
@@ -161,30 +159,6 @@ struct Inner {
     hit_headers: Box<[HeaderValue]>,
 }
 
-/// Keeps each entry for its own `keep_for`.
-struct KeepFor;
-
-impl moka::Expiry<CacheKey, Arc<Entry>> for KeepFor {
-    fn expire_after_create(
-        &self,
-        _: &CacheKey,
-        entry: &Arc<Entry>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(entry.keep_for)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &CacheKey,
-        entry: &Arc<Entry>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.keep_for)
-    }
-}
-
 /// How a caller takes part in a lookup for a key.
 enum Role {
     /// Started the partner call.
@@ -203,6 +177,8 @@ impl CredentialsCache {
             .ttl_s
             .max(settings.negative_ttl_s)
             .min(PREPARED_HIT_TTL_S);
+        let keep_for = secs(settings.ttl_s.max(settings.negative_ttl_s))
+            + secs(settings.stale_if_error_s.max(settings.stale_while_revalidate_s));
         let hit_headers = (0..=longest_ttl)
             .map(|ttl_s| CacheStatus::Hit { ttl_s }.header_value())
             .collect();
@@ -212,7 +188,9 @@ impl CredentialsCache {
                     .max_capacity(settings.max_entries)
                     // Sized up front: growing the table under load rehashes on the miss path.
                     .initial_capacity(settings.max_entries.min(1 << 17) as usize)
-                    .expire_after(KeepFor)
+                    // One lifetime for all entries, the longest any needs: freshness is judged
+                    // from the entry itself, and a per-entry expiry made every read slower.
+                    .time_to_live(keep_for)
                     .build(),
                 inflight: Mutex::new(HashMap::new()),
                 partner,
@@ -433,7 +411,6 @@ impl CredentialsCache {
             answer,
             stored_at: inner.clock.now(),
             fresh_for,
-            keep_for: fresh_for + inner.stale_if_error.max(inner.stale_while_revalidate),
         }))
     }
 }

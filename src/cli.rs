@@ -118,11 +118,16 @@ fn with_settings(
     }
 }
 
+/// A multi-thread runtime, or a current-thread one when the process may use a single CPU
+/// (affinity or cgroup quota): a work-stealing scheduler with one worker only adds overhead.
 fn runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let single_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = if single_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    match builder.enable_all().build() {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
             eprintln!("skypostal-proxy: cannot start the async runtime: {e}");
