@@ -178,7 +178,11 @@ impl CredentialsCache {
             .max(settings.negative_ttl_s)
             .min(PREPARED_HIT_TTL_S);
         let keep_for = secs(settings.ttl_s.max(settings.negative_ttl_s))
-            + secs(settings.stale_if_error_s.max(settings.stale_while_revalidate_s));
+            + secs(
+                settings
+                    .stale_if_error_s
+                    .max(settings.stale_while_revalidate_s),
+            );
         let hit_headers = (0..=longest_ttl)
             .map(|ttl_s| CacheStatus::Hit { ttl_s }.header_value())
             .collect();
@@ -186,8 +190,8 @@ impl CredentialsCache {
             inner: Arc::new(Inner {
                 entries: Cache::builder()
                     .max_capacity(settings.max_entries)
-                    // Sized up front: growing the table under load rehashes on the miss path.
-                    .initial_capacity(settings.max_entries.min(1 << 17) as usize)
+                    // Sized for the first burst of misses, not for the bound: idle memory stays small.
+                    .initial_capacity(settings.max_entries.min(1 << 14) as usize)
                     // One lifetime for all entries, the longest any needs: freshness is judged
                     // from the entry itself, and a per-entry expiry made every read slower.
                     .time_to_live(keep_for)
