@@ -44,7 +44,7 @@ pub async fn get_credentials(
 ) -> Response {
     let lookup = state.cache.get(&email, force, &request_id).await;
     let mut response = match &lookup.result {
-        Ok(entry) => match &entry.answer {
+        Ok(entry) => match entry.answer() {
             CachedAnswer::Found(body) => (
                 [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
                 body.clone(),
