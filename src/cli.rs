@@ -65,6 +65,15 @@ enum Command {
     },
     /// Validate the configuration and print it, secrets redacted.
     CheckConfig,
+    /// Make one real partner lookup with the configured credentials and print the outcome.
+    ///
+    /// Exit 0 when the partner answered and accepted the credentials (found or not found),
+    /// 3 when it refused them, 1 on any other failure, 2 on invalid configuration.
+    CheckUpstream {
+        /// The customer e-mail to look up.
+        #[arg(long)]
+        email: String,
+    },
     /// Exit 0 if the running service answers `/healthz` (for container health checks).
     Healthcheck {
         /// URL to probe instead of the configured listener's `/healthz`.
@@ -89,6 +98,9 @@ pub fn main() -> ExitCode {
             app_key,
         } => runtime(mock_upstream(listen, user_code, app_key)),
         Command::Keygen { name, admin } => keygen(&name, admin),
+        Command::CheckUpstream { email } => {
+            with_settings(cli.config, None, |s| runtime(check_upstream(s, email)))
+        }
         Command::CheckConfig => with_settings(cli.config, None, |s| {
             print!("{}", s.to_redacted_toml());
             eprintln!("configuration is valid");
@@ -247,6 +259,76 @@ async fn mock_upstream(listen: SocketAddr, user_code: u64, app_key: String) -> E
         Err(e) => {
             eprintln!("skypostal-proxy: cannot listen on {listen}: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+// === check-upstream ===
+
+/// Exit code of `check-upstream` when the partner refuses our credentials.
+const EXIT_CREDENTIALS_REFUSED: u8 = 3;
+
+async fn check_upstream(settings: Settings, email: String) -> ExitCode {
+    use crate::domain::CustomerEmail;
+    use crate::partner::{PartnerAnswer, PartnerError, SkypostalClient};
+
+    let email = match CustomerEmail::parse(&email) {
+        Ok(email) => email,
+        Err(e) => {
+            eprintln!("check-upstream: --email: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let upstream = &settings.upstream;
+    println!(
+        "partner: {} ({:?}), user_code {}, app_key from {}",
+        upstream.endpoint(),
+        upstream.environment,
+        upstream.user_code,
+        upstream
+            .app_key_file
+            .as_ref()
+            .map_or("upstream.app_key".to_owned(), |p| p.display().to_string())
+    );
+    println!("looking up {email} (deadline {:?})", upstream.deadline);
+    let client = match SkypostalClient::new(upstream, crate::clock::Clock::system()) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("check-upstream: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = std::time::Instant::now();
+    let outcome = client.lookup(&email).await;
+    let elapsed = started.elapsed();
+    match outcome {
+        Ok(PartnerAnswer::Found(c)) => {
+            println!(
+                "outcome: found (customer_box_id {}, customer_key [redacted]) in {elapsed:?}\n\
+                 credentials and connectivity are good",
+                c.customer_box_id
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(PartnerAnswer::NotFound { fields }) => {
+            println!("outcome: customer not found in {elapsed:?}");
+            if let Some(fields) = fields {
+                println!("partner error fields: {fields}");
+            }
+            println!("credentials and connectivity are good (the partner answered)");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            println!("outcome: {error} (after {elapsed:?})");
+            if let Some(fields) = error.fields() {
+                println!("partner error fields: {fields}");
+            }
+            if matches!(error, PartnerError::AccessDenied { .. }) {
+                println!("the partner refused upstream.user_code / upstream.app_key");
+                ExitCode::from(EXIT_CREDENTIALS_REFUSED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
