@@ -387,3 +387,34 @@ async fn healthcheck_reflects_whether_the_service_answers() {
     assert!(up.status.success());
     assert!(!down.status.success());
 }
+
+/// `check-upstream` reports the mapped outcome; exit 0 when the partner accepts the credentials,
+/// 3 when it refuses them; never prints the customer key or the raw e-mail.
+#[tokio::test]
+async fn check_upstream_reports_the_outcome_by_exit_code() {
+    let (_sim, partner) = start_simulator(APP_KEY).await;
+    let config = binary_config(partner, "");
+    let run = |app_key: &'static str| {
+        Command::new(BIN)
+            .args(["check-upstream", "--email", "JohnDoe@email.com", "--config"])
+            .arg(&config)
+            .env("SKYPOSTAL_PROXY__UPSTREAM__APP_KEY", app_key)
+            .output()
+    };
+
+    let good = run(APP_KEY).await.unwrap();
+    let refused = run("wrong-app-key").await.unwrap();
+
+    let stdout = String::from_utf8(good.stdout).unwrap();
+    assert_eq!(good.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("outcome: found"), "{stdout}");
+    assert!(stdout.contains("j***@email.com"), "{stdout}");
+    assert!(
+        !stdout.contains("johndoe@email.com") && !stdout.contains("YpbCNpzqxYqVWv"),
+        "{stdout}"
+    );
+    let stdout = String::from_utf8(refused.stdout).unwrap();
+    assert_eq!(refused.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("error_code=13001"), "{stdout}");
+    assert!(!stdout.contains("wrong-app-key"), "{stdout}");
+}
