@@ -49,7 +49,9 @@ fn cache_hit(c: &mut Criterion) {
              [upstream]\nbase_url = \"http://{addr}\"\npath = \"{PARTNER_PATH}\"\n"
         );
         let settings = Settings::load(None, Some(&layer)).expect("settings");
-        let partner = SkypostalClient::new(&settings.upstream, Clock::system()).expect("client");
+        let metrics = std::sync::Arc::new(skypostal_proxy::metrics::Metrics::new());
+        let partner =
+            SkypostalClient::new(&settings.upstream, Clock::system(), metrics).expect("client");
         let cache = CredentialsCache::new(&settings.cache, partner, Clock::system());
         let email = CustomerEmail::parse(DOCUMENTED_EMAIL).expect("valid");
         let warm = cache

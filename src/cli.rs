@@ -291,7 +291,8 @@ async fn check_upstream(settings: Settings, email: String) -> ExitCode {
             .map_or("upstream.app_key".to_owned(), |p| p.display().to_string())
     );
     println!("looking up {email} (deadline {:?})", upstream.deadline);
-    let client = match SkypostalClient::new(upstream, crate::clock::Clock::system()) {
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let client = match SkypostalClient::new(upstream, crate::clock::Clock::system(), metrics) {
         Ok(client) => client,
         Err(e) => {
             eprintln!("check-upstream: {e}");

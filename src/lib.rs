@@ -19,6 +19,7 @@
 //! - [`rate_limit`] — per-client limits and their headers; the partner call rate.
 //! - [`routes`] — the router, the middleware stack and the handlers.
 //! - [`error`] — [`error::ApiError`] and problem+json.
+//! - [`metrics`] — the Prometheus metrics.
 //! - [`simulator`] — the partner simulator behind `demo`, `mock-upstream` and the tests.
 
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod partner;
 pub mod rate_limit;
 pub mod routes;

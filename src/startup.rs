@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::auth::ClientRegistry;
 use crate::cache::{Clock, CredentialsCache};
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::partner::{ClientBuildError, SkypostalClient};
 use crate::routes;
 
@@ -41,6 +42,8 @@ pub struct AppShared {
     pub clients: Arc<ClientRegistry>,
     /// Whether the instance is draining.
     pub readiness: Arc<Readiness>,
+    /// This instance's metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Readiness: turns to draining when shutdown starts.
@@ -103,8 +106,10 @@ impl Application {
 
     /// Builds with a given freshness clock (tests move a manual clock instead of sleeping).
     pub async fn build_with_clock(settings: &Settings, clock: Clock) -> Result<Self, StartupError> {
-        let partner = SkypostalClient::new(&settings.upstream, clock.clone())?;
+        let metrics = Arc::new(Metrics::new());
+        let partner = SkypostalClient::new(&settings.upstream, clock.clone(), metrics.clone())?;
         let state = AppState(Arc::new(AppShared {
+            metrics,
             cache: CredentialsCache::new(&settings.cache, partner, clock),
             clients: Arc::new(ClientRegistry::from_settings(settings)),
             readiness: Arc::new(Readiness::default()),
@@ -115,8 +120,10 @@ impl Application {
             None => None,
         };
         let timeout = settings.server.request_timeout;
+        // /metrics moves to the admin listener when there is one.
+        let metrics_on_main = admin_listener.is_none();
         Ok(Self {
-            router: routes::router(state.clone(), timeout),
+            router: routes::router(state.clone(), timeout, metrics_on_main),
             admin_router: routes::admin_router(state.clone(), timeout),
             listener,
             admin_listener,

@@ -24,6 +24,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::clock::Clock;
 use crate::config::UpstreamSettings;
 use crate::domain::{Credentials, CustomerEmail};
+use crate::metrics::Metrics;
 use crate::rate_limit::CallRate;
 use breaker::{Breaker, BreakerPolicy, Verdict};
 pub use wire::PartnerErrorFields;
@@ -225,6 +226,7 @@ struct Inner {
     breaker: Breaker,
     retry_after_cap: Duration,
     health: PartnerHealth,
+    metrics: Arc<Metrics>,
 }
 
 /// Why the client could not be built.
@@ -262,7 +264,11 @@ impl AttemptError {
 
 impl SkypostalClient {
     /// Builds the client and its connection pool; `clock` times the circuit breaker.
-    pub fn new(settings: &UpstreamSettings, clock: Clock) -> Result<Self, ClientBuildError> {
+    pub fn new(
+        settings: &UpstreamSettings,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ClientBuildError> {
         let http = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -296,6 +302,7 @@ impl SkypostalClient {
                     clock,
                 ),
                 retry_after_cap: settings.retry_after_cap,
+                metrics,
                 health: PartnerHealth::default(),
             }),
         })
@@ -317,6 +324,14 @@ impl SkypostalClient {
             .lookup_until(email, Instant::now() + self.inner.deadline)
             .await;
         self.inner.health.record(&result);
+        if let Err(
+            e @ (PartnerError::Saturated
+            | PartnerError::CircuitOpen { .. }
+            | PartnerError::Throttled { .. }),
+        ) = &result
+        {
+            self.inner.metrics.partner_refused(e);
+        }
         result
     }
 
@@ -351,11 +366,14 @@ impl SkypostalClient {
                     return Err(PartnerError::Saturated);
                 }
                 let ticket = inner.breaker.admit()?;
-                let attempt_deadline = deadline.min(Instant::now() + inner.timeout);
+                let started = Instant::now();
+                let attempt_deadline = deadline.min(started + inner.timeout);
                 let outcome = timeout_at(attempt_deadline, self.attempt(body.clone(), email))
                     .await
                     .unwrap_or(Err(AttemptError::retry(PartnerError::Timeout)));
-                ticket.finish(Verdict::of(outcome.as_ref().err().map(|f| &f.error)));
+                let error = outcome.as_ref().err().map(|f| &f.error);
+                inner.metrics.partner_call(error, started.elapsed());
+                ticket.finish(Verdict::of(error));
                 outcome
             };
             let failure = match outcome {
@@ -366,6 +384,7 @@ impl SkypostalClient {
                 return Err(failure.error);
             }
             retries += 1;
+            inner.metrics.partner_retry();
             let wait = full_jitter(retries);
             if Instant::now() + wait >= deadline {
                 return Err(match failure.error {

@@ -43,6 +43,9 @@ pub async fn get_credentials(
     FreshLookup(force): FreshLookup,
 ) -> Response {
     let lookup = state.cache.get(&email, force, &request_id).await;
+    let found =
+        matches!(&lookup.result, Ok(entry) if matches!(entry.answer(), CachedAnswer::Found(_)));
+    state.metrics.cache_outcome(lookup.status, found);
     let mut response = match &lookup.result {
         Ok(entry) => match entry.answer() {
             CachedAnswer::Found(body) => (

@@ -13,6 +13,22 @@ pub async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
+/// The Prometheus metrics, text exposition format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let partner = state.cache.partner();
+    let body = state
+        .metrics
+        .render(state.cache.entry_count(), partner.circuit_state());
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
 /// 200 once serving, 503 while draining at shutdown, with the state of each component.
 ///
 /// A partner refusing our credentials is reported here but keeps readiness at 200: a sidecar

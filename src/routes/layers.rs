@@ -26,6 +26,7 @@ use tracing::{Instrument, Span};
 use super::{RequestId, CACHE_STATUS, X_REQUEST_ID};
 use crate::auth::{Client, ClientRegistry};
 use crate::error::{ApiError, Problem};
+use crate::metrics::{InFlight, Metrics};
 use crate::rate_limit::{RATELIMIT, RATELIMIT_POLICY};
 
 /// Largest request body accepted; no route takes one.
@@ -42,17 +43,19 @@ pub struct EdgeLayer {
 
 struct EdgeShared {
     request_timeout: Duration,
+    metrics: Arc<Metrics>,
     /// Random per process, so ids from restarted replicas do not collide in log searches.
     id_prefix: u32,
     next_id: AtomicU64,
 }
 
 impl EdgeLayer {
-    /// An edge bounding each request by `request_timeout`.
-    pub fn new(request_timeout: Duration) -> Self {
+    /// An edge bounding each request by `request_timeout`, counting requests in `metrics`.
+    pub fn new(request_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             shared: Arc::new(EdgeShared {
                 request_timeout,
+                metrics,
                 id_prefix: rand::random(),
                 next_id: AtomicU64::new(1),
             }),
@@ -69,6 +72,19 @@ impl EdgeShared {
                 n: self.next_id.fetch_add(1, Ordering::Relaxed),
             },
         }
+    }
+}
+
+/// The route template as a metric label: known templates only, never a raw path.
+fn route_label(matched: Option<&MatchedPath>) -> &'static str {
+    match matched.map(MatchedPath::as_str) {
+        Some("/customers/{email}/credentials") => "/customers/{email}/credentials",
+        Some("/healthz") => "/healthz",
+        Some("/readyz") => "/readyz",
+        Some("/metrics") => "/metrics",
+        Some("/openapi.json") => "/openapi.json",
+        Some(_) => "other",
+        None => "unmatched",
     }
 }
 
@@ -125,6 +141,8 @@ where
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .is_some_and(|n| n > MAX_REQUEST_BODY);
         let method = request.method().clone();
+        let route = route_label(request.extensions().get::<MatchedPath>());
+        let in_flight = self.shared.metrics.request_started();
         let (inner, ready) = if too_large {
             (None, Some(ApiError::PayloadTooLarge.into_response()))
         } else {
@@ -139,7 +157,10 @@ where
                 request_id,
                 started,
                 method,
+                route,
                 span,
+                metrics: self.shared.metrics.clone(),
+                _in_flight: in_flight,
             }),
         }
     }
@@ -160,7 +181,10 @@ struct Finish {
     request_id: RequestId,
     started: Instant,
     method: Method,
+    route: &'static str,
     span: Span,
+    metrics: Arc<Metrics>,
+    _in_flight: InFlight,
 }
 
 impl<F> Future for EdgeFuture<F>
@@ -217,6 +241,15 @@ impl Finish {
         response
             .headers_mut()
             .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let method = match self.method {
+            Method::GET => "GET",
+            Method::DELETE => "DELETE",
+            Method::HEAD => "HEAD",
+            Method::POST => "POST",
+            _ => "other",
+        };
+        self.metrics
+            .request_done(self.route, method, status.as_u16(), self.started.elapsed());
 
         self.span.in_scope(|| {
             tracing::debug!(
@@ -239,12 +272,13 @@ impl Finish {
 #[derive(Clone)]
 pub struct AdmitLayer {
     clients: Arc<ClientRegistry>,
+    metrics: Arc<Metrics>,
 }
 
 impl AdmitLayer {
-    /// Admission against these clients.
-    pub fn new(clients: Arc<ClientRegistry>) -> Self {
-        Self { clients }
+    /// Admission against these clients, refusals counted in `metrics`.
+    pub fn new(clients: Arc<ClientRegistry>, metrics: Arc<Metrics>) -> Self {
+        Self { clients, metrics }
     }
 }
 
@@ -255,6 +289,7 @@ impl<S> Layer<S> for AdmitLayer {
         Admit {
             inner,
             clients: self.clients.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -264,6 +299,7 @@ impl<S> Layer<S> for AdmitLayer {
 pub struct Admit<S> {
     inner: S,
     clients: Arc<ClientRegistry>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Service<Request> for Admit<S>
@@ -283,6 +319,7 @@ where
             Ok(client) => client,
             Err(e) => {
                 tracing::debug!("request refused: missing or unknown key");
+                self.metrics.auth_failure();
                 return AdmitFuture {
                     inner: None,
                     ready: Some(e.into_response()),
@@ -301,6 +338,7 @@ where
             }
             Err(limited) => {
                 tracing::debug!(client = %client.name, "request refused: rate limit spent");
+                self.metrics.rate_limited(&client.name);
                 let response = ApiError::RateLimited {
                     retry_after: limited.retry_after,
                 }
@@ -371,7 +409,7 @@ mod tests {
 
     #[test]
     fn generated_request_ids_are_unique() {
-        let layer = EdgeLayer::new(Duration::from_secs(1));
+        let layer = EdgeLayer::new(Duration::from_secs(1), Arc::new(Metrics::new()));
         let a = layer.shared.request_id(None).header_value();
         let b = layer
             .shared

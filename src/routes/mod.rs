@@ -42,21 +42,29 @@ pub use layers::{AdmitLayer, EdgeLayer};
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Builds the application's router and middleware stack (order documented in the module docs).
-pub fn router(state: AppState, request_timeout: Duration) -> Router {
+///
+/// `/metrics` is served here when `with_metrics` (no admin listener), else on the admin router.
+pub fn router(state: AppState, request_timeout: Duration, with_metrics: bool) -> Router {
     let customers = Router::new()
         .route(
             "/customers/{email}/credentials",
             get(credentials::get_credentials).delete(credentials::purge_credentials),
         )
-        .route_layer(AdmitLayer::new(Arc::clone(&state.clients)));
-    Router::new()
-        .merge(customers)
-        .merge(probes())
+        .route_layer(AdmitLayer::new(
+            Arc::clone(&state.clients),
+            Arc::clone(&state.metrics),
+        ));
+    let mut router = Router::new().merge(customers).merge(probes());
+    if with_metrics {
+        router = router.route("/metrics", get(health::metrics));
+    }
+    let metrics = Arc::clone(&state.metrics);
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(EdgeLayer::new(request_timeout))
+        .layer(EdgeLayer::new(request_timeout, metrics))
 }
 
 /// The probe routes, also served on the admin listener.
@@ -66,14 +74,16 @@ pub fn probes() -> Router<AppState> {
         .route("/readyz", get(health::readyz))
 }
 
-/// Router for the optional admin listener: probes only, same edge behaviour.
+/// Router for the optional admin listener: probes and metrics, same edge behaviour.
 pub fn admin_router(state: AppState, request_timeout: Duration) -> Router {
+    let metrics = Arc::clone(&state.metrics);
     probes()
+        .route("/metrics", get(health::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(EdgeLayer::new(request_timeout))
+        .layer(EdgeLayer::new(request_timeout, metrics))
 }
 
 // === fallbacks ===

@@ -24,6 +24,8 @@ pub const APP_KEY: &str = "1656d700707ad9a77f737e5df3db088a";
 /// A running application and its simulated partner.
 pub struct TestApp {
     pub base: String,
+    /// The admin listener's base URL, when one is configured.
+    pub admin_base: Option<String>,
     pub sim: Simulator,
     pub clock: Clock,
     pub http: reqwest::Client,
@@ -87,12 +89,14 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
         .await
         .expect("application builds");
     let base = format!("http://127.0.0.1:{}", app.port());
+    let admin_base = app.admin_addr().map(|a| format!("http://{a}"));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
     TestApp {
         base,
+        admin_base,
         sim,
         clock,
         http: reqwest::Client::builder()

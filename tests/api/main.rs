@@ -7,6 +7,7 @@ mod freshness;
 mod helpers;
 mod limits;
 mod logs;
+mod metrics;
 mod partner_failures;
 mod resilience;
 mod routes;
