@@ -5,7 +5,7 @@
 //! guess, never anything about a configured key.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use base64::Engine;
 use http::header::AUTHORIZATION;
@@ -26,6 +26,10 @@ pub struct Client {
     pub name: Arc<str>,
     /// May purge cached answers.
     pub admin: bool,
+    /// Sustained requests per second.
+    pub rate_per_s: u32,
+    /// Burst size.
+    pub burst: u32,
     /// This client's rate limit.
     pub limiter: ClientLimiter,
 }
@@ -36,55 +40,99 @@ impl Client {
         Self {
             name: name.into(),
             admin,
+            rate_per_s,
+            burst,
             limiter: ClientLimiter::new(rate_per_s, burst),
         }
     }
+
+    fn same_terms(&self, admin: bool, rate_per_s: u32, burst: u32) -> bool {
+        self.admin == admin && self.rate_per_s == rate_per_s && self.burst == burst
+    }
 }
 
-/// The configured callers, by key digest.
+/// One generation of the configured callers, by key digest.
 #[derive(Debug, Default)]
-pub struct ClientRegistry {
+struct ClientSet {
     by_digest: HashMap<[u8; 32], Arc<Client>>,
     /// Who a request without a key is, when `auth.allow_anonymous` is on.
     anonymous: Option<Arc<Client>>,
 }
 
+/// The configured callers. [`ClientRegistry::reload`] swaps in a new set atomically: a request
+/// sees the old set or the new one, never a mix.
+#[derive(Debug, Default)]
+pub struct ClientRegistry {
+    current: RwLock<Arc<ClientSet>>,
+}
+
 impl ClientRegistry {
     /// Builds the registry from validated settings.
     pub fn from_settings(settings: &Settings) -> Self {
-        let by_digest = settings
-            .clients
-            .iter()
-            .map(|c| {
-                let client = Client::new(&c.name, c.admin, c.rate_per_s, c.burst);
-                (c.key_sha256, Arc::new(client))
-            })
-            .collect();
-        // Anonymous callers share one client, and so one limit.
-        let anonymous = settings.auth.allow_anonymous.then(|| {
-            Arc::new(Client::new(
-                "anonymous",
-                false,
-                settings.rate_limit.default_per_s,
-                settings.rate_limit.default_burst,
-            ))
-        });
         Self {
-            by_digest,
-            anonymous,
+            current: RwLock::new(Arc::new(ClientSet::build(settings, &ClientSet::default()))),
         }
+    }
+
+    /// Replaces the callers with those of `settings` (key rotation). A client whose name and
+    /// terms are unchanged keeps its rate-limit state, whatever its key. Returns the client count.
+    pub fn reload(&self, settings: &Settings) -> usize {
+        let next = {
+            let current = self.read();
+            Arc::new(ClientSet::build(settings, &current))
+        };
+        let count = next.by_digest.len();
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
+        count
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Arc<ClientSet>> {
+        self.current.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The caller a request's headers identify. A presented key must be valid even when anonymous
     /// callers are allowed: a wrong key is a misconfiguration the caller should hear about.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Client>, ApiError> {
+        let set = self.read();
         match presented_key(headers) {
-            Some(key) => self
+            Some(key) => set
                 .by_digest
                 .get(&digest(key))
                 .cloned()
                 .ok_or(ApiError::Unauthorized),
-            None => self.anonymous.clone().ok_or(ApiError::Unauthorized),
+            None => set.anonymous.clone().ok_or(ApiError::Unauthorized),
+        }
+    }
+}
+
+impl ClientSet {
+    fn build(settings: &Settings, previous: &ClientSet) -> Self {
+        let keep = |name: &str, admin: bool, rate: u32, burst: u32| {
+            previous
+                .by_digest
+                .values()
+                .chain(&previous.anonymous)
+                .find(|c| &*c.name == name && c.same_terms(admin, rate, burst))
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Client::new(name, admin, rate, burst)))
+        };
+        let by_digest = settings
+            .clients
+            .iter()
+            .map(|c| (c.key_sha256, keep(&c.name, c.admin, c.rate_per_s, c.burst)))
+            .collect();
+        // Anonymous callers share one client, and so one limit.
+        let anonymous = settings.auth.allow_anonymous.then(|| {
+            keep(
+                "anonymous",
+                false,
+                settings.rate_limit.default_per_s,
+                settings.rate_limit.default_burst,
+            )
+        });
+        Self {
+            by_digest,
+            anonymous,
         }
     }
 }
@@ -129,8 +177,10 @@ mod tests {
     fn registry(anonymous: bool) -> ClientRegistry {
         let client = Arc::new(Client::new("svc", false, 1, 1));
         ClientRegistry {
-            by_digest: HashMap::from([(digest(b"good-key"), client.clone())]),
-            anonymous: anonymous.then_some(client),
+            current: RwLock::new(Arc::new(ClientSet {
+                by_digest: HashMap::from([(digest(b"good-key"), client.clone())]),
+                anonymous: anonymous.then_some(client),
+            })),
         }
     }
 

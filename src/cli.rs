@@ -86,7 +86,10 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => with_settings(cli.config, None, |s| runtime(serve(s))),
+        Command::Serve => {
+            let file = cli.config.clone();
+            with_settings(cli.config, None, |s| runtime(serve(s, file)))
+        }
         Command::Demo => {
             let demo_key = generate_key();
             let layer = demo_layer(&demo_key);
@@ -148,7 +151,7 @@ fn runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-async fn serve(settings: Settings) -> ExitCode {
+async fn serve(settings: Settings, file: Option<PathBuf>) -> ExitCode {
     telemetry::init(&settings.log);
     let app = match Application::build(&settings).await {
         Ok(app) => app,
@@ -166,7 +169,36 @@ async fn serve(settings: Settings) -> ExitCode {
         clients = settings.clients.len(),
         "skypostal-proxy is serving"
     );
+    reload_on_sighup(app.state().clone(), file);
     finish(app.run_until_stopped(shutdown_signal()).await)
+}
+
+/// On SIGHUP, re-reads the configuration and swaps in its callers and partner app key. A file
+/// that does not validate is refused with a log line, and the previous set stays in force.
+fn reload_on_sighup(state: crate::startup::AppState, file: Option<PathBuf>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(hangup) => hangup,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: key rotation needs a restart");
+                return;
+            }
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading callers and the partner app key");
+            match Settings::load(file.as_deref(), None) {
+                Ok(settings) => state.reload(&settings),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "new configuration refused: the previous callers and app key stay in force"
+                ),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (state, file);
 }
 
 fn finish(result: Result<(), crate::startup::StartupError>) -> ExitCode {

@@ -46,6 +46,21 @@ pub struct AppShared {
     pub metrics: Arc<Metrics>,
 }
 
+impl AppShared {
+    /// Applies a re-read configuration's callers and partner app key (SIGHUP: key rotation
+    /// without downtime). Other settings take effect at the next restart.
+    pub fn reload(&self, settings: &Settings) {
+        let clients = self.clients.reload(settings);
+        self.cache
+            .partner()
+            .set_app_key(settings.upstream.app_key.clone());
+        tracing::info!(
+            clients,
+            "configuration reloaded: callers and partner app key swapped"
+        );
+    }
+}
+
 /// Readiness: turns to draining when shutdown starts.
 #[derive(Debug, Default)]
 pub struct Readiness {

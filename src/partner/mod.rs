@@ -216,7 +216,8 @@ struct Inner {
     http: reqwest::Client,
     endpoint: reqwest::Url,
     user_code: u64,
-    app_key: SecretString,
+    /// Swapped on SIGHUP when the key file changes.
+    app_key: std::sync::RwLock<SecretString>,
     timeout: Duration,
     deadline: Duration,
     max_retries: u32,
@@ -284,7 +285,7 @@ impl SkypostalClient {
                 http,
                 endpoint,
                 user_code: settings.user_code,
-                app_key: settings.app_key.clone(),
+                app_key: std::sync::RwLock::new(settings.app_key.clone()),
                 timeout: settings.timeout,
                 deadline: settings.deadline,
                 max_retries: settings.max_retries,
@@ -311,6 +312,15 @@ impl SkypostalClient {
     /// The partner's health as seen through our lookups.
     pub fn health(&self) -> &PartnerHealth {
         &self.inner.health
+    }
+
+    /// Replaces the partner app key (key rotation); lookups already started keep the old one.
+    pub fn set_app_key(&self, app_key: SecretString) {
+        *self
+            .inner
+            .app_key
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = app_key;
     }
 
     /// The circuit breaker's state: `closed`, `open` or `half-open`.
@@ -341,11 +351,16 @@ impl SkypostalClient {
         deadline: Instant,
     ) -> Result<PartnerAnswer, PartnerError> {
         let inner = &*self.inner;
+        let app_key = inner
+            .app_key
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let body = Bytes::from(
             serde_json::to_vec(&wire::PartnerRequest {
                 user_code: inner.user_code,
                 // The only place the partner secret leaves its wrapper.
-                app_key: inner.app_key.expose_secret(),
+                app_key: app_key.expose_secret(),
                 customer_email: email.as_str(),
             })
             .map_err(|e| PartnerError::Unreadable {

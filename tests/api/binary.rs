@@ -31,7 +31,12 @@ fn config_file(contents: &str) -> PathBuf {
 
 /// A config for the binary: loopback port 0, JSON logs, one client, the simulator as partner.
 pub fn binary_config(partner: SocketAddr, extra_server: &str) -> PathBuf {
-    config_file(&format!(
+    config_file(&config_text(partner, extra_server, KEY))
+}
+
+/// The text of [`binary_config`], with one client holding `key`.
+fn config_text(partner: SocketAddr, extra_server: &str, key: &str) -> String {
+    format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
@@ -49,8 +54,8 @@ level = "info"
 name = "regular"
 key_sha256 = "{}"
 "#,
-        key_sha256_hex(KEY)
-    ))
+        key_sha256_hex(key)
+    )
 }
 
 /// A child process of the binary, with everything it wrote to standard error so far.
@@ -113,9 +118,13 @@ pub async fn start_simulator(app_key: &str) -> (Simulator, SocketAddr) {
 }
 
 pub fn sigterm(child: &Child) {
+    signal(child, "-TERM");
+}
+
+fn signal(child: &Child, which: &str) {
     let pid = child.id().expect("child is running");
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([which, &pid.to_string()])
         .status()
         .expect("kill runs");
     assert!(status.success());
@@ -417,4 +426,51 @@ async fn check_upstream_reports_the_outcome_by_exit_code() {
     assert_eq!(refused.status.code(), Some(3), "{stdout}");
     assert!(stdout.contains("error_code=13001"), "{stdout}");
     assert!(!stdout.contains("wrong-app-key"), "{stdout}");
+}
+
+/// SIGHUP swaps in the file's new keys (the new one admitted, the removed one refused) without
+/// failing an in-flight request; a broken file is refused and the keys in force stay.
+#[tokio::test]
+async fn sighup_rotates_keys_and_a_broken_file_keeps_the_old_ones() {
+    const NEW_KEY: &str = "rotated-key-0123456789abcdef";
+    let (sim, partner) = start_simulator(APP_KEY).await;
+    sim.set_fault(Some("slow@example.com"), Fault::Slow { ms: 800 });
+    let config = binary_config(partner, "");
+    let Served {
+        child,
+        addr,
+        stderr,
+    } = spawn_serve(&config, &[]).await;
+    let http = reqwest::Client::new();
+    let get = |key: &'static str, email: &'static str| {
+        http.get(format!("http://{addr}/customers/{email}/credentials"))
+            .header("x-api-key", key)
+            .send()
+    };
+    let in_flight = tokio::spawn(get(KEY, "slow%40example.com"));
+    assert!(eventually(Duration::from_secs(5), || async { sim.calls() == 1 }).await);
+
+    std::fs::write(&config, config_text(partner, "", NEW_KEY)).unwrap();
+    signal(&child, "-HUP");
+
+    let rotated = eventually(Duration::from_secs(5), || async {
+        get(NEW_KEY, "a%40example.com")
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(rotated, "the new key is admitted");
+    assert_eq!(get(KEY, "a%40example.com").await.unwrap().status(), 401);
+    assert_eq!(in_flight.await.unwrap().unwrap().status(), 200);
+
+    std::fs::write(&config, "[[clients]]\nname = \"broken\"\n").unwrap();
+    signal(&child, "-HUP");
+
+    let refused = eventually(Duration::from_secs(5), || async {
+        stderr.lock().unwrap().contains("new configuration refused")
+    })
+    .await;
+    assert!(refused, "the broken file is refused with a log line");
+    assert_eq!(get(NEW_KEY, "b%40example.com").await.unwrap().status(), 200);
+    assert_eq!(get(KEY, "b%40example.com").await.unwrap().status(), 401);
 }
