@@ -128,7 +128,7 @@ pub fn mask_emails_in(text: &str) -> String {
 ///
 /// `customer_key` is a secret: this type is only ever serialized into a response body, and its
 /// `Debug` leaves the key out.
-#[derive(Clone, PartialEq, Eq, Serialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Credentials {
     /// The normalized address that was looked up.
     pub customer_email: String,

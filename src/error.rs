@@ -61,7 +61,7 @@ pub enum ApiError {
 }
 
 /// The problem document of an error, before the request id is added.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// URI naming the problem type.
     #[serde(rename = "type")]

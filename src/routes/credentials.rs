@@ -11,8 +11,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::auth::Client;
 use crate::cache::CachedAnswer;
-use crate::domain::CustomerEmail;
-use crate::error::ApiError;
+use crate::domain::{Credentials, CustomerEmail};
+use crate::error::{ApiError, Problem};
 use crate::routes::RequestId;
 use crate::startup::AppState;
 
@@ -36,6 +36,32 @@ impl<S: Send + Sync> FromRequestParts<S> for EmailParam {
 }
 
 /// Looks a customer's credentials up, from the cache or the partner.
+#[utoipa::path(
+    get,
+    path = "/customers/{email}/credentials",
+    tag = "credentials",
+    params(
+        ("email" = String, Path, description = "The customer's e-mail address (percent-encoded or not); trimmed and lowercased"),
+        ("Cache-Control" = Option<String>, Header, description = "`no-cache` forces a fresh (still shared) partner lookup"),
+    ),
+    security(("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "The customer's credentials", body = Credentials, content_type = "application/json",
+            headers(
+                ("Cache-Status" = String, description = "How the cache answered (RFC 9211)"),
+                ("RateLimit" = String, description = "Remaining requests of this client"),
+                ("RateLimit-Policy" = String, description = "This client's limit"),
+                ("x-request-id" = String, description = "The request's id"),
+            )),
+        (status = 400, description = "The path segment is not a valid e-mail", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No key or an unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The partner knows no such customer", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This client's rate limit is spent (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The partner failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The partner is protected: saturated or circuit open (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The partner did not answer within the deadline", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn get_credentials(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -64,6 +90,20 @@ pub async fn get_credentials(
 }
 
 /// Drops the cached answer for an e-mail (admin clients only).
+#[utoipa::path(
+    delete,
+    path = "/customers/{email}/credentials",
+    tag = "credentials",
+    params(("email" = String, Path, description = "The customer's e-mail address")),
+    security(("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 204, description = "The cached answer, if any, is gone"),
+        (status = 400, description = "The path segment is not a valid e-mail", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No key or an unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The client is not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This client's rate limit is spent (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn purge_credentials(
     State(state): State<AppState>,
     Extension(client): Extension<Arc<Client>>,

@@ -9,11 +9,15 @@ use serde_json::json;
 use crate::startup::AppState;
 
 /// 200 while the process serves.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process serves", content_type = "application/json")))]
 pub async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
 /// The Prometheus metrics, text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus metrics", content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let partner = state.cache.partner();
     let body = state
@@ -33,6 +37,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 ///
 /// A partner refusing our credentials is reported here but keeps readiness at 200: a sidecar
 /// that turns unready on a partner-side problem takes its whole pod out of service.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready, with the state of each component", content_type = "application/json"),
+        (status = 503, description = "Draining at shutdown", content_type = "application/json"),
+    ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let draining = state.readiness.is_draining();
     let health = state.cache.partner().health();

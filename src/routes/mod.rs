@@ -20,6 +20,7 @@
 mod credentials;
 mod health;
 mod layers;
+mod openapi;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use crate::startup::AppState;
 pub use crate::telemetry::RequestId;
 pub use credentials::CACHE_STATUS;
 pub use layers::{AdmitLayer, EdgeLayer};
+pub use openapi::ApiDoc;
 
 /// The request id header.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -72,6 +74,7 @@ pub fn probes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi::openapi_json))
 }
 
 /// Router for the optional admin listener: probes and metrics, same edge behaviour.

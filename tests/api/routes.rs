@@ -74,3 +74,70 @@ async fn request_ids_are_kept_when_valid_and_generated_otherwise() {
         header(&second, "x-request-id")
     );
 }
+
+/// `/openapi.json` is an OpenAPI 3.1 document whose every operation exists on the router and
+/// documents every status SPEC section 2 gives it.
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes() {
+    let app = spawn_app().await;
+
+    let response = app.get("/openapi.json").await;
+
+    assert_eq!(response.status(), 200);
+    let doc: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    let schemes = &doc["components"]["securitySchemes"];
+    assert!(schemes["bearer"].is_object() && schemes["api_key"].is_object());
+    let credentials = &doc["paths"]["/customers/{email}/credentials"];
+    for status in ["200", "400", "401", "404", "429", "502", "503", "504"] {
+        assert!(
+            credentials["get"]["responses"][status].is_object(),
+            "GET {status}"
+        );
+    }
+    for status in ["204", "401", "403"] {
+        assert!(
+            credentials["delete"]["responses"][status].is_object(),
+            "DELETE {status}"
+        );
+    }
+    let paths = doc["paths"].as_object().unwrap();
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    documented.sort_unstable();
+    assert_eq!(
+        documented,
+        [
+            "/customers/{email}/credentials",
+            "/healthz",
+            "/metrics",
+            "/openapi.json",
+            "/readyz"
+        ]
+    );
+    for (path, operations) in paths {
+        let url = format!(
+            "{}{}",
+            app.base,
+            path.replace("{email}", "doc%40example.com")
+        );
+        for method in operations.as_object().unwrap().keys() {
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let answer = app
+                .http
+                .request(method.clone(), &url)
+                .header("x-api-key", crate::helpers::ADMIN_KEY)
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                ![404, 405].contains(&answer.status().as_u16()),
+                "{method} {path} is documented but answers {}",
+                answer.status()
+            );
+        }
+    }
+}
