@@ -94,7 +94,7 @@ impl ClientRegistry {
     /// callers are allowed: a wrong key is a misconfiguration the caller should hear about.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Client>, ApiError> {
         let set = self.read();
-        match presented_key(headers) {
+        match presented_key(headers)? {
             Some(key) => set
                 .by_digest
                 .get(&digest(key))
@@ -137,21 +137,27 @@ impl ClientSet {
     }
 }
 
-/// The key a request presents: `Authorization: Bearer <key>` first, then `X-Api-Key`.
-fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+/// The key a request presents: `Authorization: Bearer <key>`, else `X-Api-Key`.
+///
+/// An `Authorization` header that is not a usable bearer key is an error even when `X-Api-Key`
+/// holds a good one: a request with contradictory credentials is refused, not guessed at.
+fn presented_key(headers: &HeaderMap) -> Result<Option<&[u8]>, ApiError> {
     if let Some(value) = headers.get(AUTHORIZATION) {
         let value = value.as_bytes();
-        if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
-            let key = value[7..].trim_ascii();
-            if !key.is_empty() {
-                return Some(key);
-            }
-        }
+        let key = match value.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => value[7..].trim_ascii(),
+            _ => &[],
+        };
+        return if key.is_empty() {
+            Err(ApiError::Unauthorized)
+        } else {
+            Ok(Some(key))
+        };
     }
-    headers
+    Ok(headers
         .get(X_API_KEY)
         .map(|v| v.as_bytes().trim_ascii())
-        .filter(|k| !k.is_empty())
+        .filter(|k| !k.is_empty()))
 }
 
 fn digest(key: &[u8]) -> [u8; 32] {
@@ -213,6 +219,17 @@ mod tests {
         ] {
             assert!(matches!(r.authenticate(&h), Err(ApiError::Unauthorized)));
         }
+    }
+
+    #[test]
+    fn a_bad_authorization_header_is_refused_even_with_a_good_x_api_key() {
+        let r = registry(false);
+        let mut h = headers("x-api-key", "good-key");
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic Zm9vOmJhcg=="),
+        );
+        assert!(r.authenticate(&h).is_err());
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl<S: Send + Sync> FromRequestParts<S> for EmailParam {
     path = "/customers/{email}/credentials",
     tag = "credentials",
     params(
-        ("email" = String, Path, description = "The customer's e-mail address (percent-encoded or not); trimmed and lowercased"),
+        ("email" = String, Path, description = "The customer's e-mail address (percent-encoded or not); trimmed and lowercased", example = "johndoe@email.com", max_length = 254, min_length = 3),
         ("Cache-Control" = Option<String>, Header, description = "`no-cache` forces a fresh (still shared) partner lookup"),
     ),
     security(("bearer" = []), ("api_key" = [])),
@@ -94,7 +94,7 @@ pub async fn get_credentials(
     delete,
     path = "/customers/{email}/credentials",
     tag = "credentials",
-    params(("email" = String, Path, description = "The customer's e-mail address")),
+    params(("email" = String, Path, description = "The customer's e-mail address", example = "johndoe@email.com", max_length = 254, min_length = 3)),
     security(("bearer" = []), ("api_key" = [])),
     responses(
         (status = 204, description = "The cached answer, if any, is gone"),
