@@ -69,19 +69,17 @@ pub async fn get_credentials(
     FreshLookup(force): FreshLookup,
 ) -> Response {
     let lookup = state.cache.get(&email, force, &request_id).await;
-    let found =
-        matches!(&lookup.result, Ok(entry) if matches!(entry.answer(), CachedAnswer::Found(_)));
+    let answer = lookup.result.map(|entry| entry.answer());
+    let found = matches!(answer, Ok(CachedAnswer::Found(_)));
     state.metrics.cache_outcome(lookup.status, found);
-    let mut response = match &lookup.result {
-        Ok(entry) => match entry.answer() {
-            CachedAnswer::Found(body) => (
-                [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-                body.clone(),
-            )
-                .into_response(),
-            CachedAnswer::NotFound => ApiError::CustomerNotFound.into_response(),
-        },
-        Err(error) => ApiError::Partner(error.clone()).into_response(),
+    let mut response = match answer {
+        Ok(CachedAnswer::Found(body)) => (
+            [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body,
+        )
+            .into_response(),
+        Ok(CachedAnswer::NotFound) => ApiError::CustomerNotFound.into_response(),
+        Err(error) => ApiError::Partner(error).into_response(),
     };
     response
         .headers_mut()
