@@ -9,6 +9,7 @@
 //!   every waiter even when the caller that started it goes away.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -165,19 +166,6 @@ impl CacheStatus {
         // Only digits and fixed ASCII go into the text.
         HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static(NAME))
     }
-
-    /// A short label for logs and metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Hit { .. } => "hit",
-            Self::Stored => "miss",
-            Self::Collapsed => "collapsed",
-            Self::Forced => "forced",
-            Self::StaleWhileRevalidate { .. } => "stale-while-revalidate",
-            Self::StaleIfError { .. } => "stale-if-error",
-            Self::Failed { .. } => "failed",
-        }
-    }
 }
 
 /// The result of [`CredentialsCache::get`].
@@ -209,6 +197,25 @@ struct Inner {
     stale_while_revalidate: Duration,
     /// `Cache-Status` of a hit with `i` seconds left, so a hit formats nothing.
     hit_headers: Box<[HeaderValue]>,
+    /// Purges so far; a lookup stores its answer only if none happened while it ran.
+    purges: AtomicU64,
+}
+
+/// Removes a key from the in-flight map when dropped.
+struct InflightGuard<'a> {
+    cache: &'a CredentialsCache,
+    key: CacheKey,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.cache
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
 }
 
 /// How a caller takes part in a lookup for a key.
@@ -217,8 +224,8 @@ enum Role {
     Leader(watch::Receiver<Option<Fetched>>),
     /// Joined a call already running.
     Follower(watch::Receiver<Option<Fetched>>),
-    /// A fresh entry appeared meanwhile.
-    Fresh(Entry),
+    /// A fresh entry appeared meanwhile, with its freshness left.
+    Fresh(Entry, Duration),
 }
 
 impl CredentialsCache {
@@ -257,6 +264,7 @@ impl CredentialsCache {
                 stale_if_error: secs(settings.stale_if_error_s),
                 stale_while_revalidate: secs(settings.stale_while_revalidate_s),
                 hit_headers,
+                purges: AtomicU64::new(0),
             }),
         }
     }
@@ -305,10 +313,12 @@ impl CredentialsCache {
         }
 
         let (fetched, leader) = match self.join_or_start(key, email, force, request_id) {
-            Role::Fresh(entry) => {
+            Role::Fresh(entry, left) => {
                 return Lookup {
                     result: Ok(entry),
-                    status: CacheStatus::Collapsed,
+                    status: CacheStatus::Hit {
+                        ttl_s: left.as_secs(),
+                    },
                 }
             }
             Role::Leader(rx) => (wait(rx).await, true),
@@ -358,8 +368,10 @@ impl CredentialsCache {
         }
     }
 
-    /// Drops the cached answer for an address, if any.
+    /// Drops the cached answer for an address, if any. A lookup running meanwhile does not
+    /// store its answer, so the purge cannot be undone by a call that started before it.
     pub fn invalidate(&self, email: &CustomerEmail) {
+        self.inner.purges.fetch_add(1, Ordering::SeqCst);
         self.inner.entries.invalidate(&self.key(email));
     }
 
@@ -393,8 +405,8 @@ impl CredentialsCache {
         // leaving the map: look again rather than call the partner twice.
         if !force {
             if let Some(entry) = inner.entries.get(&key) {
-                if entry.freshness(inner.clock.now_ms()).is_ok() {
-                    return Role::Fresh(entry);
+                if let Ok(left) = entry.freshness(inner.clock.now_ms()) {
+                    return Role::Fresh(entry, left);
                 }
             }
         }
@@ -408,17 +420,20 @@ impl CredentialsCache {
         // Debug level: an enabled span costs microseconds per miss; the lookup's warnings carry
         // the request id and masked e-mail themselves.
         let span = tracing::debug_span!("lookup", %request_id, %email);
+        let generation = inner.purges.load(Ordering::SeqCst);
         tokio::spawn(
             async move {
+                // Leaves the in-flight map however the task ends, a panic included: a key left
+                // behind would turn every later miss for it into a failure.
+                let guard = InflightGuard { cache: &this, key };
                 let fetched = this.fetch(&email, &request_id).await;
                 if let Ok(entry) = &fetched {
-                    this.inner.entries.insert(key, entry.clone());
+                    // A purge that landed during the call may have been meant for this answer.
+                    if this.inner.purges.load(Ordering::SeqCst) == generation {
+                        this.inner.entries.insert(key, entry.clone());
+                    }
                 }
-                this.inner
-                    .inflight
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&key);
+                drop(guard);
                 // Nobody listening is fine: an abandoned lookup still fills the cache.
                 let _ = tx.send(Some(fetched));
             }

@@ -1,5 +1,5 @@
 //! The command line: `serve` (the default), `demo`, `mock-upstream`, `keygen`, `check-config`,
-//! `healthcheck`.
+//! `healthcheck`, `check-upstream`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;

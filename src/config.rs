@@ -337,6 +337,16 @@ impl RawSettings {
     fn validate(self) -> Result<Settings, ConfigError> {
         let server = self.server.validate()?;
         let upstream = self.upstream.validate()?;
+        if server.request_timeout <= upstream.deadline {
+            return Err(ConfigError::invalid(
+                "server.request_timeout_ms",
+                format!(
+                    "must be longer than upstream.deadline_ms ({} ms), or a slow partner would cut \
+                     requests off before a stale answer or a 504 could be given",
+                    upstream.deadline.as_millis()
+                ),
+            ));
+        }
         validate_cache(&self.cache)?;
         positive(
             "rate_limit.default_per_s",
@@ -497,6 +507,31 @@ impl RawUpstream {
         positive("upstream.circuit_min_calls", self.circuit_min_calls.into())?;
         positive("upstream.circuit_window_s", self.circuit_window_s)?;
         positive("upstream.circuit_cooldown_s", self.circuit_cooldown_s)?;
+        // Upper bounds keep every sum with `Instant` far from overflow and every buffer sane.
+        for (key, value, max) in [
+            ("upstream.retry_after_cap_s", self.retry_after_cap_s, 3600),
+            ("upstream.circuit_cooldown_s", self.circuit_cooldown_s, 3600),
+            ("upstream.circuit_window_s", self.circuit_window_s, 86_400),
+            (
+                "upstream.connect_timeout_ms",
+                self.connect_timeout_ms,
+                600_000,
+            ),
+            ("upstream.timeout_ms", self.timeout_ms, 600_000),
+            ("upstream.deadline_ms", deadline_ms, 600_000),
+            (
+                "upstream.max_concurrency",
+                self.max_concurrency as u64,
+                100_000,
+            ),
+            (
+                "upstream.max_response_bytes",
+                self.max_response_bytes as u64,
+                16 << 20,
+            ),
+        ] {
+            at_most(key, value, max)?;
+        }
         if !(self.circuit_failure_ratio > 0.0 && self.circuit_failure_ratio <= 1.0) {
             return Err(ConfigError::invalid(
                 "upstream.circuit_failure_ratio",
@@ -595,6 +630,14 @@ impl LogFilter {
             .parse(value)
             .map(drop)
             .map_err(|e| ConfigError::invalid(key, format!("is not a valid filter ({e})")))
+    }
+}
+
+fn at_most(key: &str, v: u64, max: u64) -> Result<(), ConfigError> {
+    if v > max {
+        Err(ConfigError::invalid(key, format!("must be at most {max}")))
+    } else {
+        Ok(())
     }
 }
 
@@ -716,6 +759,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("upstream.user_code"), "{err}");
+    }
+
+    #[test]
+    fn a_request_timeout_shorter_than_the_partner_deadline_is_refused() {
+        let err = Settings::load(
+            None,
+            Some(
+                "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout_ms = 5000\n\
+                 [auth]\nallow_anonymous = true\n",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.request_timeout_ms"), "{err}");
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub fn mask_emails_in(text: &str) -> String {
         }
         if word.contains('@') {
             out.push_str(&mask_email(word));
+        } else if let Some(at) = word.to_ascii_lowercase().find("%40") {
+            // A percent-encoded address is still an address.
+            out.push_str(&mask_email(&format!("{}@{}", &word[..at], &word[at + 3..])));
         } else {
             out.push_str(word);
         }
@@ -231,6 +234,7 @@ mod tests {
             mask_emails_in("no customer john@x.org here"),
             "no customer j***@x.org here"
         );
+        assert_eq!(mask_emails_in("see john%40x.org"), "see j***@x.org");
     }
 
     proptest::proptest! {

@@ -7,7 +7,7 @@
 //! # Layout
 //!
 //! - [`cli`] — the subcommands (`serve`, `demo`, `mock-upstream`, `keygen`, `check-config`,
-//!   `healthcheck`).
+//!   `healthcheck`, `check-upstream`).
 //! - [`config`] — layered configuration, validation, secret handling.
 //! - [`startup`] — [`startup::Application`]: binds, serves, drains on shutdown.
 //! - [`telemetry`] — log output.

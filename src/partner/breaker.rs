@@ -118,6 +118,14 @@ impl Breaker {
         let mut state = self.lock();
         let probe = match state.mode {
             Mode::Closed => false,
+            // A back-off that has run out needs no probe: the partner said when to come back.
+            Mode::Open {
+                until,
+                throttled: true,
+            } if now >= until => {
+                state.mode = Mode::Closed;
+                false
+            }
             Mode::Open { until, throttled } if now < until => {
                 let retry_after = until - now;
                 return Err(if throttled {
@@ -144,6 +152,26 @@ impl Breaker {
         })
     }
 
+    /// The refusal [`Breaker::admit`] would give now, without taking a probe: lets a lookup
+    /// skip its waits for a call slot when no call could be made anyway.
+    pub fn refusal(&self) -> Option<PartnerError> {
+        let now = self.clock.now();
+        match self.lock().mode {
+            Mode::Open { until, throttled } if now < until => {
+                let retry_after = until - now;
+                Some(if throttled {
+                    PartnerError::Throttled { retry_after }
+                } else {
+                    PartnerError::CircuitOpen { retry_after }
+                })
+            }
+            Mode::HalfOpen { probing: true } => Some(PartnerError::CircuitOpen {
+                retry_after: Duration::from_secs(1),
+            }),
+            _ => None,
+        }
+    }
+
     fn record(&self, probe: bool, verdict: Verdict) {
         let now = self.clock.now();
         let policy = &self.policy;
@@ -157,7 +185,9 @@ impl Breaker {
         match verdict {
             Verdict::Success => {
                 state.consecutive = 0;
-                if probe || matches!(state.mode, Mode::HalfOpen { .. }) {
+                // Only the probe decides a half-open circuit; late answers of calls admitted
+                // before it opened do not.
+                if probe {
                     tracing::info!("circuit closed: the partner answered the probe");
                     state.mode = Mode::Closed;
                     state.window_start = now;
@@ -171,9 +201,20 @@ impl Breaker {
                     retry_after_ms = wait.as_millis() as u64,
                     "the partner asked to back off: no calls until then"
                 );
-                state.mode = Mode::Open {
-                    until: now + wait,
-                    throttled: true,
+                let until = later(now, wait);
+                state.mode = match state.mode {
+                    // A longer pause already in force stays.
+                    Mode::Open {
+                        until: current,
+                        throttled,
+                    } if current > until => Mode::Open {
+                        until: current,
+                        throttled,
+                    },
+                    _ => Mode::Open {
+                        until,
+                        throttled: true,
+                    },
                 };
             }
             Verdict::Failure => {
@@ -183,7 +224,6 @@ impl Breaker {
                     && f64::from(state.window_failures)
                         >= policy.failure_ratio * f64::from(state.window_calls);
                 let open = probe
-                    || matches!(state.mode, Mode::HalfOpen { .. })
                     || (state.mode == Mode::Closed
                         && (state.consecutive >= policy.consecutive_failures || ratio_tripped));
                 if open {
@@ -195,7 +235,7 @@ impl Breaker {
                         "circuit open: partner calls paused"
                     );
                     state.mode = Mode::Open {
-                        until: now + policy.cooldown,
+                        until: later(now, policy.cooldown),
                         throttled: false,
                     };
                 }
@@ -203,15 +243,26 @@ impl Breaker {
         }
     }
 
-    /// `closed`, `open` or `half-open`, for readiness and metrics.
+    /// `closed`, `open` or `half-open`, for readiness and metrics (a back-off that has run out
+    /// reads as closed: the next call goes through).
     pub fn state_label(&self) -> &'static str {
         let now = self.clock.now();
         match self.lock().mode {
             Mode::Closed => "closed",
             Mode::Open { until, .. } if now < until => "open",
+            Mode::Open {
+                throttled: true, ..
+            } => "closed",
             Mode::Open { .. } | Mode::HalfOpen { .. } => "half-open",
         }
     }
+}
+
+/// `now + wait`, saturating far in the future instead of overflowing.
+fn later(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 impl Verdict {
@@ -312,7 +363,30 @@ mod tests {
             other => panic!("{:?}", other.map(|_| ())),
         }
         clock.advance(Duration::from_secs(2));
-        call(&b, Verdict::Success).unwrap();
         assert_eq!(b.state_label(), "closed");
+        let first = b.admit().expect("no probe after a back-off");
+        let second = b.admit().expect("calls flow at once after a back-off");
+        first.finish(Verdict::Success);
+        second.finish(Verdict::Success);
+    }
+
+    #[test]
+    fn only_the_probe_closes_a_half_open_circuit() {
+        let (b, clock) = breaker();
+        let late = b.admit().unwrap();
+        for _ in 0..3 {
+            call(&b, Verdict::Failure).unwrap();
+        }
+        clock.advance(Duration::from_secs(5));
+        let probe = b.admit().unwrap();
+        late.finish(Verdict::Success);
+        assert_eq!(
+            b.state_label(),
+            "half-open",
+            "a late answer does not decide"
+        );
+        probe.finish(Verdict::Success);
+        assert_eq!(b.state_label(), "closed");
+        assert!(b.refusal().is_none());
     }
 }

@@ -160,50 +160,51 @@ impl fmt::Display for PartnerErrorFields {
 /// What operators need to see of the partner's health (`/readyz`, metrics).
 #[derive(Debug, Default)]
 pub struct PartnerHealth {
-    last_success_unix: AtomicU64,
-    last_auth_failure_unix: AtomicU64,
-    last_failure_unix: AtomicU64,
+    last_success_ms: AtomicU64,
+    last_auth_failure_ms: AtomicU64,
+    last_failure_ms: AtomicU64,
 }
 
 impl PartnerHealth {
     fn record(&self, result: &Result<PartnerAnswer, PartnerError>) {
-        let now = unix_now();
+        let now = unix_now_ms();
         match result {
-            Ok(_) => self.last_success_unix.store(now, Ordering::Relaxed),
+            Ok(_) => self.last_success_ms.store(now, Ordering::Relaxed),
             Err(PartnerError::AccessDenied { .. }) => {
-                self.last_auth_failure_unix.store(now, Ordering::Relaxed);
-                self.last_failure_unix.store(now, Ordering::Relaxed);
+                self.last_auth_failure_ms.store(now, Ordering::Relaxed);
+                self.last_failure_ms.store(now, Ordering::Relaxed);
             }
             Err(
                 PartnerError::Saturated
                 | PartnerError::CircuitOpen { .. }
                 | PartnerError::Throttled { .. },
             ) => {}
-            Err(_) => self.last_failure_unix.store(now, Ordering::Relaxed),
+            Err(_) => self.last_failure_ms.store(now, Ordering::Relaxed),
         }
     }
 
     /// Whether the partner's last verdict on our credentials was a refusal.
     pub fn auth_failing(&self) -> bool {
-        self.last_auth_failure_unix.load(Ordering::Relaxed)
-            > self.last_success_unix.load(Ordering::Relaxed)
+        self.last_auth_failure_ms.load(Ordering::Relaxed)
+            > self.last_success_ms.load(Ordering::Relaxed)
     }
 
     /// Unix seconds of the last successful lookup (0: none yet).
     pub fn last_success_unix(&self) -> u64 {
-        self.last_success_unix.load(Ordering::Relaxed)
+        self.last_success_ms.load(Ordering::Relaxed) / 1000
     }
 
     /// Unix seconds of the last failed lookup (0: none yet).
     pub fn last_failure_unix(&self) -> u64 {
-        self.last_failure_unix.load(Ordering::Relaxed)
+        self.last_failure_ms.load(Ordering::Relaxed) / 1000
     }
 }
 
-fn unix_now() -> u64 {
+/// Unix milliseconds: whole seconds could not order a refusal after a success in one second.
+fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The client of the partner API. Cheap to clone; build one at start-up.
@@ -370,6 +371,10 @@ impl SkypostalClient {
 
         let mut retries = 0;
         loop {
+            // Refused at once when no call could be made anyway, before waiting for a slot.
+            if let Some(refusal) = inner.breaker.refusal() {
+                return Err(refusal);
+            }
             let outcome = {
                 // A slot among the concurrent calls, then a start within the call rate; a lookup
                 // that cannot have both before its deadline is refused as saturation.
@@ -402,10 +407,7 @@ impl SkypostalClient {
             inner.metrics.partner_retry();
             let wait = full_jitter(retries);
             if Instant::now() + wait >= deadline {
-                return Err(match failure.error {
-                    PartnerError::Timeout => PartnerError::Timeout,
-                    other => other,
-                });
+                return Err(failure.error);
             }
             tracing::debug!(retry = retries, wait_ms = wait.as_millis() as u64, error = %failure.error, "retrying partner call");
             tokio::time::sleep(wait).await;
@@ -448,7 +450,9 @@ impl SkypostalClient {
         if response.content_length().is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
-        let mut buf = Vec::with_capacity(response.content_length().map_or(1024, |n| n as usize));
+        // The partner's Content-Length sizes the buffer only up to a modest bound.
+        let expected = response.content_length().unwrap_or(1024).min(64 * 1024);
+        let mut buf = Vec::with_capacity(expected as usize);
         while let Some(chunk) = response
             .chunk()
             .await

@@ -110,8 +110,10 @@ pub fn map_answer(body: &[u8], email: &CustomerEmail) -> Result<PartnerAnswer, P
             .filter(|d| !d.is_empty())
             .map(crate::domain::mask_emails_in),
         location: error
-            .and_then(|e| e.error_location.clone())
-            .filter(|l| !l.trim().is_empty()),
+            .and_then(|e| e.error_location.as_deref())
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(crate::domain::mask_emails_in),
         code: record.error_code.as_ref().and_then(ErrorCode::normalized),
         system_error: error.and_then(|e| e.system_error).unwrap_or(false),
     };

@@ -104,17 +104,35 @@ pub async fn get_credentials(
 )]
 pub async fn purge_credentials(
     State(state): State<AppState>,
-    Extension(client): Extension<Arc<Client>>,
+    // Before the e-mail: a non-admin client is refused whatever the path holds.
+    AdminClient(client): AdminClient,
     Extension(request_id): Extension<RequestId>,
     EmailParam(email): EmailParam,
 ) -> Result<StatusCode, ApiError> {
-    if !client.admin {
-        tracing::warn!(%request_id, client = %client.name, "purge refused: not an admin client");
-        return Err(ApiError::Forbidden("purge cached answers"));
-    }
     state.cache.invalidate(&email);
     tracing::info!(%request_id, client = %client.name, %email, "purged cached answer");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The authenticated client, refused with 403 unless it is an admin.
+pub struct AdminClient(pub Arc<Client>);
+
+impl<S: Send + Sync> FromRequestParts<S> for AdminClient {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let client = parts
+            .extensions
+            .get::<Arc<Client>>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)?;
+        if !client.admin {
+            let request_id = parts.extensions.get::<RequestId>();
+            tracing::warn!(request_id = ?request_id.map(ToString::to_string), client = %client.name, "purge refused: not an admin client");
+            return Err(ApiError::Forbidden("purge cached answers"));
+        }
+        Ok(Self(client))
+    }
 }
 
 /// Whether the caller sent `Cache-Control: no-cache` (read in place: a `HeaderMap` extractor

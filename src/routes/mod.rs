@@ -1,18 +1,20 @@
 //! The HTTP surface: [`router`] assembles the routes and the middleware stack.
 //!
-//! Layer order, outermost first (a request flows top to bottom, its response bottom to top):
+//! Routing comes first: `Router::layer` wraps each matched route (and the fallbacks), so the layers
+//! below know the route template (`MatchedPath`) and never need the raw path, which holds an e-mail.
+//! Unknown routes and wrong methods answer problem+json through the fallbacks, inside the layers.
+//! Then, outermost first (a request flows top to bottom, its response bottom to top):
 //!
 //! 1. `edge` — assigns the request id first, so everything after it (including the problem
 //!    bodies of errors raised by inner layers) can carry it; opens the request's span (debug level,
-//!    free when filtered out); refuses request bodies (no route takes one); bounds the request with
-//!    `server.request_timeout_ms`; renders every [`Problem`] as `application/problem+json`; adds
-//!    `x-request-id` and `Cache-Control: no-store` to every response; logs the outcome.
-//!    One layer for all of this, because each separate layer costs on every request.
+//!    free when filtered out); refuses a declared body over 16 KiB (no route takes one); bounds the
+//!    request with `server.request_timeout_ms`; renders every [`Problem`] as
+//!    `application/problem+json`; adds `x-request-id` and `Cache-Control: no-store` to every
+//!    response; counts and logs the outcome. One layer for all of this, because each separate layer
+//!    costs on every request.
 //! 2. `CatchPanicLayer` — inside `edge`, so a panic becomes a problem+json 500 with the request id
 //!    and without the panic message.
-//! 3. routing — unknown routes and wrong methods answer problem+json through the fallbacks; the
-//!    route template is known from here on, so logs never need the raw path (which holds an e-mail).
-//! 4. `admit` (customer routes only, as a route layer, so probes stay open to the orchestrator) —
+//! 3. `admit` (customer routes only, as a route layer, so probes stay open to the orchestrator) —
 //!    authentication first, then the client's rate limit: the limit is keyed by the authenticated
 //!    client, and an unauthenticated flood cannot spend a real client's quota. Cache hits count too:
 //!    the limit is the caller's quota, not the partner's.

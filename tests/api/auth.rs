@@ -79,3 +79,13 @@ async fn a_purge_by_a_regular_client_is_403() {
     assert!(header(&after, "cache-status").contains("; hit;"));
     assert_eq!(app.sim.calls(), 1);
 }
+
+/// A non-admin purge is 403 whatever the path holds, even an invalid address.
+#[tokio::test]
+async fn a_purge_by_a_regular_client_is_403_even_for_an_invalid_address() {
+    let app = spawn_app().await;
+
+    let purge = app.purge("not-an-address", KEY).await;
+
+    assert_problem(purge, 403, "forbidden").await;
+}
