@@ -19,6 +19,8 @@ CONNECTIONS=${CONNECTIONS:-64}
 SERVICE_PORT=${SERVICE_PORT:-9390}
 PARTNER_PORT=${PARTNER_PORT:-9391}
 BIN=target/release/skypostal-proxy
+# As the container image does: see BENCHMARKS.md.
+export MIMALLOC_PURGE_DELAY=${MIMALLOC_PURGE_DELAY:-1000}
 
 if ! command -v wrk >/dev/null; then
     echo "installing wrk" >&2
