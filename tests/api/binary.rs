@@ -474,3 +474,44 @@ async fn sighup_rotates_keys_and_a_broken_file_keeps_the_old_ones() {
     assert_eq!(get(NEW_KEY, "b%40example.com").await.unwrap().status(), 200);
     assert_eq!(get(KEY, "b%40example.com").await.unwrap().status(), 401);
 }
+
+/// SIGHUP re-reads `upstream.app_key_file`: a rotated partner key is used for the next lookups.
+#[tokio::test]
+async fn sighup_rereads_the_partner_app_key_file() {
+    let (_sim, partner) = start_simulator(APP_KEY).await;
+    let key_file = config_file("stale-partner-key\n");
+    let config = binary_config(partner, "");
+    let Served { child, addr, .. } = spawn_serve(
+        &config,
+        &[(
+            "SKYPOSTAL_PROXY__UPSTREAM__APP_KEY_FILE",
+            key_file.to_str().unwrap(),
+        )],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let lookup = |n: u32| {
+        http.get(format!(
+            "http://{addr}/customers/key{n}%40example.com/credentials"
+        ))
+        .header("x-api-key", KEY)
+        .send()
+    };
+    assert_eq!(
+        lookup(0).await.unwrap().status(),
+        502,
+        "the partner refuses the old key"
+    );
+
+    std::fs::write(&key_file, format!("{APP_KEY}\n")).unwrap();
+    signal(&child, "-HUP");
+
+    let mut n = 0;
+    let rotated = eventually(Duration::from_secs(5), || {
+        n += 1;
+        let response = lookup(n);
+        async move { response.await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    assert!(rotated, "the new partner key is used after SIGHUP");
+}
