@@ -14,16 +14,8 @@ if ! command -v schemathesis >/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore schemathesis
 fi
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-key=$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+source .ci/lib.sh
+key=$(random_key)
 cat >"$work/config.toml" <<CONF
 [server]
 listen = "127.0.0.1:$SERVICE_PORT"
@@ -39,7 +31,7 @@ default_burst = 100000
 
 [[clients]]
 name = "contract"
-key_sha256 = "$(printf %s "$key" | sha256sum | cut -d' ' -f1)"
+key_sha256 = "$(key_sha256 "$key")"
 admin = true
 
 [log]

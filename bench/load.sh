@@ -31,18 +31,10 @@ cargo build --release --quiet
 
 if [[ $(nproc) -ge 2 ]]; then SERVER_CPU=(taskset -c 0); LOAD_CPU=(taskset -c 1); else SERVER_CPU=(); LOAD_CPU=(); fi
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-API_KEY=$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+source .ci/lib.sh
+API_KEY=$(random_key)
 export API_KEY
-hash=$(printf %s "$API_KEY" | sha256sum | cut -d' ' -f1)
+hash=$(key_sha256 "$API_KEY")
 
 wait_port() {
     for _ in $(seq 1 200); do

@@ -41,7 +41,7 @@ pub struct AppShared {
     /// The configured callers.
     pub clients: Arc<ClientRegistry>,
     /// Whether the instance is draining.
-    pub readiness: Arc<Readiness>,
+    pub readiness: Readiness,
     /// This instance's metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -127,7 +127,7 @@ impl Application {
             metrics,
             cache: CredentialsCache::new(&settings.cache, partner, clock),
             clients: Arc::new(ClientRegistry::from_settings(settings)),
-            readiness: Arc::new(Readiness::default()),
+            readiness: Readiness::default(),
         }));
         let listener = bind("server.listen", settings.server.listen).await?;
         let admin_listener = match settings.server.admin_listen {
