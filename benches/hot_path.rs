@@ -50,9 +50,9 @@ fn cache_hit(c: &mut Criterion) {
         );
         let settings = Settings::load(None, Some(&layer)).expect("settings");
         let metrics = std::sync::Arc::new(skypostal_proxy::metrics::Metrics::new());
-        let partner =
-            SkypostalClient::new(&settings.upstream, Clock::system(), metrics).expect("client");
-        let cache = CredentialsCache::new(&settings.cache, partner, Clock::system());
+        let partner = SkypostalClient::new(&settings.upstream, Clock::system(), metrics, None)
+            .expect("client");
+        let cache = CredentialsCache::new(&settings.cache, partner, Clock::system(), None);
         let email = CustomerEmail::parse(DOCUMENTED_EMAIL).expect("valid");
         let warm = cache
             .get(&email, false, &RequestId::Generated { prefix: 0, n: 0 })

@@ -7,10 +7,13 @@
 //!   only reclaims memory, keeping every entry for the longest TTL plus the longest stale window.
 //! - Misses for one key share one partner call. The call runs in its own task and completes for
 //!   every waiter even when the caller that started it goes away.
+//! - With a [`SharedTier`], a miss asks Redis before the partner, a partner answer is written to
+//!   both tiers, and a purge reaches every replica. The in-memory key is then the entry's index
+//!   under the newest shared secret, so a purge announced by its index finds it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,6 +27,7 @@ pub use crate::clock::Clock;
 use crate::config::CacheSettings;
 use crate::domain::CustomerEmail;
 use crate::partner::{PartnerAnswer, PartnerError, SkypostalClient};
+use crate::shared::{EntryNames, SharedTier, DIGEST};
 use crate::telemetry::RequestId;
 
 /// Longest freshness for which hit `Cache-Status` values are prepared at start-up.
@@ -54,6 +58,15 @@ const HEADER: usize = 16;
 const FOUND: u8 = 1;
 
 impl Entry {
+    /// An entry read back from the shared tier; `None` if the bytes are not an entry.
+    fn from_shared(bytes: Vec<u8>) -> Option<Self> {
+        (bytes.len() >= HEADER && matches!(bytes[12], 0 | FOUND)).then(|| Self(Bytes::from(bytes)))
+    }
+
+    fn fresh_for(&self) -> Duration {
+        Duration::from_secs(u32::from_le_bytes(self.word(8)).into())
+    }
+
     fn new(stored_at_ms: u64, fresh_for: Duration, body: Option<&[u8]>) -> Self {
         let found = body.is_some();
         let body = body.unwrap_or_default();
@@ -84,7 +97,7 @@ impl Entry {
     /// `Ok(time left)` while fresh, `Err(time past expiry)` after.
     fn freshness(&self, now_ms: u64) -> Result<Duration, Duration> {
         let stored_at_ms = u64::from_le_bytes(self.word(0));
-        let fresh_for = Duration::from_secs(u32::from_le_bytes(self.word(8)).into());
+        let fresh_for = self.fresh_for();
         let age = Duration::from_millis(now_ms.saturating_sub(stored_at_ms));
         if age < fresh_for {
             Ok(fresh_for - age)
@@ -113,6 +126,11 @@ pub enum CacheStatus {
     },
     /// A miss whose partner answer was stored.
     Stored,
+    /// A miss here answered by a fresh entry of the shared tier (another replica's lookup).
+    SharedHit {
+        /// Seconds left.
+        ttl_s: u64,
+    },
     /// A miss that joined another caller's in-flight lookup.
     Collapsed,
     /// The caller sent `Cache-Control: no-cache`; the fresh answer was stored.
@@ -143,6 +161,10 @@ impl CacheStatus {
         let text = match self {
             Self::Hit { ttl_s } => format!("{NAME}; hit; ttl={ttl_s}"),
             Self::Stored => return HeaderValue::from_static("skypostal-proxy; fwd=miss; stored"),
+            // RFC 9211 lists caches from the origin's side: the shared tier first.
+            Self::SharedHit { ttl_s } => {
+                format!("{NAME}-shared; hit; ttl={ttl_s}, {NAME}; fwd=miss; stored")
+            }
             Self::Collapsed => {
                 return HeaderValue::from_static("skypostal-proxy; fwd=miss; collapsed")
             }
@@ -177,7 +199,14 @@ pub struct Lookup {
     pub status: CacheStatus,
 }
 
-type Fetched = Result<Entry, PartnerError>;
+/// Where a lookup's answer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Partner,
+    Shared,
+}
+
+type Fetched = Result<(Entry, Origin), PartnerError>;
 
 /// The cache in front of the partner. Cheap to clone.
 #[derive(Clone)]
@@ -191,6 +220,9 @@ struct Inner {
     partner: SkypostalClient,
     clock: Clock,
     key_secret: [u8; 32],
+    shared: Option<SharedTier>,
+    /// The longest stale window: how long past freshness an entry is kept.
+    stale_window: Duration,
     ttl: Duration,
     negative_ttl: Duration,
     stale_if_error: Duration,
@@ -229,19 +261,24 @@ enum Role {
 }
 
 impl CredentialsCache {
-    /// Builds the cache in front of `partner`.
-    pub fn new(settings: &CacheSettings, partner: SkypostalClient, clock: Clock) -> Self {
+    /// Builds the cache in front of `partner`, and of `shared` when there is a shared tier.
+    pub fn new(
+        settings: &CacheSettings,
+        partner: SkypostalClient,
+        clock: Clock,
+        shared: Option<SharedTier>,
+    ) -> Self {
         let secs = Duration::from_secs;
         let longest_ttl = settings
             .ttl_s
             .max(settings.negative_ttl_s)
             .min(PREPARED_HIT_TTL_S);
-        let keep_for = secs(settings.ttl_s.max(settings.negative_ttl_s))
-            + secs(
-                settings
-                    .stale_if_error_s
-                    .max(settings.stale_while_revalidate_s),
-            );
+        let stale_window = secs(
+            settings
+                .stale_if_error_s
+                .max(settings.stale_while_revalidate_s),
+        );
+        let keep_for = secs(settings.ttl_s.max(settings.negative_ttl_s)) + stale_window;
         let hit_headers = (0..=longest_ttl)
             .map(|ttl_s| CacheStatus::Hit { ttl_s }.header_value())
             .collect();
@@ -259,6 +296,8 @@ impl CredentialsCache {
                 partner,
                 clock,
                 key_secret: rand::random(),
+                shared,
+                stale_window,
                 ttl: secs(settings.ttl_s),
                 negative_ttl: secs(settings.negative_ttl_s),
                 stale_if_error: secs(settings.stale_if_error_s),
@@ -271,6 +310,9 @@ impl CredentialsCache {
 
     /// The cache key of an address.
     pub fn key(&self, email: &CustomerEmail) -> CacheKey {
+        if let Some(shared) = &self.inner.shared {
+            return CacheKey(shared.cache_digest(email));
+        }
         let digest = Sha256::new()
             .chain_update(self.inner.key_secret)
             .chain_update(email.as_str().as_bytes())
@@ -326,16 +368,23 @@ impl CredentialsCache {
         };
 
         match fetched {
-            Ok(entry) => Lookup {
-                result: Ok(entry),
-                status: match (leader, force) {
-                    (false, _) => CacheStatus::Collapsed,
-                    (true, false) => CacheStatus::Stored,
-                    (true, true) => CacheStatus::Forced,
+            Ok((entry, origin)) => Lookup {
+                status: match (leader, force, origin) {
+                    (false, _, _) => CacheStatus::Collapsed,
+                    (true, _, Origin::Shared) => CacheStatus::SharedHit {
+                        ttl_s: entry
+                            .freshness(self.inner.clock.now_ms())
+                            .map_or(0, |left| left.as_secs()),
+                    },
+                    (true, false, Origin::Partner) => CacheStatus::Stored,
+                    (true, true, Origin::Partner) => CacheStatus::Forced,
                 },
+                result: Ok(entry),
             },
             Err(error) => {
                 let fwd_status = error.fwd_status();
+                // The lookup may have found a stale entry in the shared tier and kept it here.
+                let cached = cached.or_else(|| self.inner.entries.get(&key));
                 let stale = cached.and_then(|entry| {
                     let past = entry.freshness(self.inner.clock.now_ms()).err()?;
                     (past < self.inner.stale_if_error).then_some((entry, past))
@@ -371,8 +420,37 @@ impl CredentialsCache {
     /// Drops the cached answer for an address, if any. A lookup running meanwhile does not
     /// store its answer, so the purge cannot be undone by a call that started before it.
     pub fn invalidate(&self, email: &CustomerEmail) {
+        self.invalidate_key(self.key(email));
+    }
+
+    /// Drops the answer here and, with a shared tier, from Redis and from every other replica.
+    /// `false` when a shared tier exists but could not be told: the purge then stayed local.
+    pub async fn purge(&self, email: &CustomerEmail) -> bool {
+        self.invalidate(email);
+        match &self.inner.shared {
+            Some(shared) => shared.purge(&shared.names(email)).await,
+            None => true,
+        }
+    }
+
+    /// What applies the purges other replicas announce (by the entry's index digest).
+    pub fn purge_listener(&self) -> impl Fn(&[u8; DIGEST]) + Send + Sync + 'static {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        move |digest| {
+            if let Some(inner) = weak.upgrade() {
+                CredentialsCache { inner }.invalidate_key(CacheKey(*digest));
+            }
+        }
+    }
+
+    fn invalidate_key(&self, key: CacheKey) {
         self.inner.purges.fetch_add(1, Ordering::SeqCst);
-        self.inner.entries.invalidate(&self.key(email));
+        self.inner.entries.invalidate(&key);
+    }
+
+    /// The shared tier, when configured.
+    pub fn shared(&self) -> Option<&SharedTier> {
+        self.inner.shared.as_ref()
     }
 
     /// Number of cached answers (runs moka's pending maintenance first, so it is current).
@@ -426,11 +504,21 @@ impl CredentialsCache {
                 // Leaves the in-flight map however the task ends, a panic included: a key left
                 // behind would turn every later miss for it into a failure.
                 let guard = InflightGuard { cache: &this, key };
-                let fetched = this.fetch(&email, &request_id).await;
-                if let Ok(entry) = &fetched {
+                let names = this.inner.shared.as_ref().map(|s| s.names(&email));
+                let fetched = this
+                    .fetch(&email, key, names.as_ref(), force, generation, &request_id)
+                    .await;
+                if let Ok((entry, origin)) = &fetched {
                     // A purge that landed during the call may have been meant for this answer.
                     if this.inner.purges.load(Ordering::SeqCst) == generation {
                         this.inner.entries.insert(key, entry.clone());
+                        if let (Some(shared), Some(names), Origin::Partner) =
+                            (&this.inner.shared, &names, origin)
+                        {
+                            // Before answering, so a replica asked next finds it.
+                            let ttl = entry.fresh_for() + this.inner.stale_window;
+                            shared.store(names, &entry.0, ttl).await;
+                        }
                     }
                 }
                 drop(guard);
@@ -442,9 +530,32 @@ impl CredentialsCache {
         Role::Leader(rx)
     }
 
-    /// One partner lookup, turned into a cache entry.
-    async fn fetch(&self, email: &CustomerEmail, request_id: &RequestId) -> Fetched {
+    /// One lookup: the shared tier first (unless `force`), then the partner, as a cache entry.
+    async fn fetch(
+        &self,
+        email: &CustomerEmail,
+        key: CacheKey,
+        names: Option<&EntryNames>,
+        force: bool,
+        generation: u64,
+        request_id: &RequestId,
+    ) -> Fetched {
         let inner = &self.inner;
+        if let (Some(shared), Some(names), false) = (&inner.shared, names, force) {
+            if let Some(entry) = shared.fetch(names).await.and_then(Entry::from_shared) {
+                let fresh = entry.freshness(inner.clock.now_ms()).is_ok();
+                shared.record_hit(fresh);
+                if fresh {
+                    return Ok((entry, Origin::Shared));
+                }
+                // Stale: kept here as the stale-if-error answer should the partner fail.
+                if inner.purges.load(Ordering::SeqCst) == generation
+                    && !inner.entries.contains_key(&key)
+                {
+                    inner.entries.insert(key, entry);
+                }
+            }
+        }
         let started = Instant::now();
         let answer = inner.partner.lookup(email).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -478,13 +589,16 @@ impl CredentialsCache {
                 return Err(error);
             }
         };
-        Ok(Entry::new(inner.clock.now_ms(), fresh_for, body.as_deref()))
+        Ok((
+            Entry::new(inner.clock.now_ms(), fresh_for, body.as_deref()),
+            Origin::Partner,
+        ))
     }
 }
 
 async fn wait(mut rx: watch::Receiver<Option<Fetched>>) -> Fetched {
     match rx.wait_for(Option::is_some).await {
-        Ok(value) => value.clone().unwrap_or(Err(lookup_lost())),
+        Ok(value) => value.clone().unwrap_or_else(|| Err(lookup_lost())),
         Err(_) => Err(lookup_lost()),
     }
 }

@@ -324,7 +324,8 @@ async fn check_upstream(settings: Settings, email: String) -> ExitCode {
     );
     println!("looking up {email} (deadline {:?})", upstream.deadline);
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-    let client = match SkypostalClient::new(upstream, crate::clock::Clock::system(), metrics) {
+    let client = match SkypostalClient::new(upstream, crate::clock::Clock::system(), metrics, None)
+    {
         Ok(client) => client,
         Err(e) => {
             eprintln!("check-upstream: {e}");

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A monotonic time source; a manual one can also be moved forward.
 #[derive(Clone, Debug)]
@@ -12,6 +12,8 @@ pub struct Clock {
     skew: Option<Arc<AtomicU64>>,
     /// Where [`Clock::now_ms`] counts from.
     origin: Instant,
+    /// Unix milliseconds at `origin`.
+    origin_unix_ms: u64,
 }
 
 impl Default for Clock {
@@ -26,6 +28,7 @@ impl Clock {
         Self {
             skew: None,
             origin: Instant::now(),
+            origin_unix_ms: unix_now_ms(),
         }
     }
 
@@ -34,16 +37,20 @@ impl Clock {
         Self {
             skew: Some(Arc::new(AtomicU64::new(0))),
             origin: Instant::now(),
+            origin_unix_ms: unix_now_ms(),
         }
     }
 
-    /// Milliseconds since this clock (or the clock it was cloned from) was made.
+    /// Unix milliseconds: the wall clock read once when the clock was made, moved on by the
+    /// monotonic clock since. Never goes back, and agrees across processes as well as their wall
+    /// clocks do, which is what entries shared between replicas need.
     pub fn now_ms(&self) -> u64 {
         let ms = self
             .now()
             .saturating_duration_since(self.origin)
             .as_millis();
-        u64::try_from(ms).unwrap_or(u64::MAX)
+        self.origin_unix_ms
+            .saturating_add(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 
     /// Moves a manual clock forward (no effect on the system clock).
@@ -61,4 +68,11 @@ impl Clock {
             None => now,
         }
     }
+}
+
+/// The wall clock in Unix milliseconds (0 if it reads before 1970).
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -71,6 +71,7 @@ struct RawSettings {
     #[serde(default)]
     clients: Vec<RawClient>,
     log: LogSettings,
+    redis: Option<RawRedis>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +110,41 @@ struct RawUpstream {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<SecretString>,
+    #[serde(default)]
+    tls: bool,
+    #[serde(default = "default_key_prefix")]
+    key_prefix: String,
+    encryption_key_file: Option<PathBuf>,
+    #[serde(default = "default_redis_connect_timeout_ms")]
+    connect_timeout_ms: u64,
+    #[serde(default = "default_redis_command_timeout_ms")]
+    command_timeout_ms: u64,
+    #[serde(default = "default_redis_pool_size")]
+    pool_size: usize,
+    #[serde(default = "default_redis_recovery_interval_ms")]
+    recovery_interval_ms: u64,
+}
+
+fn default_key_prefix() -> String {
+    "skypostal-proxy:".to_owned()
+}
+fn default_redis_connect_timeout_ms() -> u64 {
+    500
+}
+fn default_redis_command_timeout_ms() -> u64 {
+    100
+}
+fn default_redis_pool_size() -> usize {
+    2
+}
+fn default_redis_recovery_interval_ms() -> u64 {
+    1000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawClient {
     name: String,
     key_sha256: String,
@@ -137,6 +173,84 @@ pub struct Settings {
     pub clients: Vec<ClientSettings>,
     /// Log output.
     pub log: LogSettings,
+    /// The shared Redis tier, when configured.
+    pub redis: Option<RedisSettings>,
+}
+
+/// `[redis]`: the optional cache tier and partner quota shared by all replicas.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL; may hold a password, so it is a secret.
+    #[serde(serialize_with = "redacted_url")]
+    pub url: SecretString,
+    /// Whether the connection uses TLS (`rediss://`).
+    pub tls: bool,
+    /// Prefix of every key and channel this service uses.
+    pub key_prefix: String,
+    /// Where the encryption keys were read from.
+    pub encryption_key_file: PathBuf,
+    /// The keys that seal values, newest first.
+    #[serde(skip)]
+    pub encryption_keys: EncryptionKeys,
+    /// Bound on establishing a connection.
+    #[serde(serialize_with = "as_millis")]
+    pub connect_timeout: Duration,
+    /// Bound on one command, round trip.
+    #[serde(serialize_with = "as_millis")]
+    pub command_timeout: Duration,
+    /// Multiplexed connections commands are spread over.
+    pub pool_size: usize,
+    /// How often a tier found unreachable is tried again.
+    #[serde(serialize_with = "as_millis")]
+    pub recovery_interval: Duration,
+}
+
+/// The 256-bit keys that seal values in Redis, newest first. `Debug` shows only how many.
+#[derive(Clone, Default)]
+pub struct EncryptionKeys(std::sync::Arc<[[u8; 32]]>);
+
+impl EncryptionKeys {
+    /// The keys, newest first.
+    pub fn keys(&self) -> &[[u8; 32]] {
+        &self.0
+    }
+
+    /// Parses a key file: one base64 key (standard or URL-safe alphabet, padded or not) of
+    /// 32 bytes per line, newest first; blank lines and `#` comments are skipped.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+        use base64::Engine as _;
+
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let unpadded = line.trim_end_matches('=');
+            let bytes = URL_SAFE_NO_PAD
+                .decode(unpadded)
+                .or_else(|_| STANDARD_NO_PAD.decode(unpadded))
+                .map_err(|_| format!("line {} is not base64", n + 1))?;
+            let key: [u8; 32] = bytes
+                .try_into()
+                .map_err(|b: Vec<u8>| format!("line {} holds {} bytes, not 32", n + 1, b.len()))?;
+            if keys.contains(&key) {
+                return Err(format!("line {} repeats an earlier key", n + 1));
+            }
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Err("holds no key".to_owned());
+        }
+        Ok(Self(keys.into()))
+    }
+}
+
+impl std::fmt::Debug for EncryptionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EncryptionKeys([{} redacted])", self.0.len())
+    }
 }
 
 /// `[server]`
@@ -393,6 +507,8 @@ impl RawSettings {
             ));
         }
 
+        let redis = self.redis.map(RawRedis::validate).transpose()?;
+
         Ok(Settings {
             server,
             upstream,
@@ -401,6 +517,7 @@ impl RawSettings {
             rate_limit: self.rate_limit,
             clients,
             log: self.log,
+            redis,
         })
     }
 }
@@ -563,6 +680,93 @@ impl RawUpstream {
     }
 }
 
+impl RawRedis {
+    fn validate(self) -> Result<RedisSettings, ConfigError> {
+        let url = self
+            .url
+            .ok_or_else(|| ConfigError::invalid("redis.url", "is required in [redis]"))?;
+        let mut parsed = reqwest::Url::parse(url.expose_secret().trim()).map_err(|_| {
+            ConfigError::invalid("redis.url", "must be a redis:// or rediss:// URL")
+        })?;
+        let tls = match (parsed.scheme(), self.tls) {
+            ("rediss", _) => true,
+            ("redis", false) => false,
+            ("redis", true) => {
+                // `tls = true` upgrades a plain URL rather than contradicting it.
+                let _ = parsed.set_scheme("rediss");
+                true
+            }
+            _ => {
+                return Err(ConfigError::invalid(
+                    "redis.url",
+                    "must be a redis:// or rediss:// URL",
+                ))
+            }
+        };
+        if !parsed.has_host() {
+            return Err(ConfigError::invalid("redis.url", "must name a host"));
+        }
+        let url = SecretString::from(String::from(parsed));
+        redis::Client::open(url.expose_secret()).map_err(|e| {
+            ConfigError::invalid("redis.url", format!("is refused ({:?})", e.kind()))
+        })?;
+
+        let prefix = self.key_prefix;
+        if prefix.is_empty() || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::invalid(
+                "redis.key_prefix",
+                "must be 1 to 64 printable ASCII characters without spaces",
+            ));
+        }
+        let path = self.encryption_key_file.ok_or_else(|| {
+            ConfigError::invalid(
+                "redis.encryption_key_file",
+                "is required in [redis]: values are sealed before they reach Redis",
+            )
+        })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError::invalid(
+                "redis.encryption_key_file",
+                format!("cannot be read ({}): {e}", path.display()),
+            )
+        })?;
+        let encryption_keys = EncryptionKeys::parse(&text).map_err(|reason| {
+            ConfigError::invalid(
+                "redis.encryption_key_file",
+                format!("({}) {reason}", path.display()),
+            )
+        })?;
+
+        positive("redis.connect_timeout_ms", self.connect_timeout_ms)?;
+        positive("redis.command_timeout_ms", self.command_timeout_ms)?;
+        positive("redis.pool_size", self.pool_size as u64)?;
+        positive("redis.recovery_interval_ms", self.recovery_interval_ms)?;
+        for (key, value, max) in [
+            ("redis.connect_timeout_ms", self.connect_timeout_ms, 60_000),
+            ("redis.command_timeout_ms", self.command_timeout_ms, 10_000),
+            ("redis.pool_size", self.pool_size as u64, 64),
+            (
+                "redis.recovery_interval_ms",
+                self.recovery_interval_ms,
+                60_000,
+            ),
+        ] {
+            at_most(key, value, max)?;
+        }
+        Ok(RedisSettings {
+            url,
+            tls,
+            key_prefix: prefix,
+            encryption_key_file: path,
+            encryption_keys,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            command_timeout: Duration::from_millis(self.command_timeout_ms),
+            pool_size: self.pool_size,
+            recovery_interval: Duration::from_millis(self.recovery_interval_ms),
+        })
+    }
+}
+
 impl RawClient {
     fn validate(
         self,
@@ -694,6 +898,19 @@ pub fn to_hex(bytes: &[u8]) -> String {
 
 fn redacted<S: Serializer>(_: &SecretString, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str("[redacted]")
+}
+
+/// A URL with its password (if any) replaced, so `check-config` can show where it points.
+fn redacted_url<S: Serializer>(url: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    match reqwest::Url::parse(url.expose_secret()) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("redacted"));
+            }
+            s.serialize_str(parsed.as_str())
+        }
+        Err(_) => s.serialize_str("[redacted]"),
+    }
 }
 
 fn hex_digest<S: Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {

@@ -14,6 +14,8 @@
 //! - [`domain`] — [`domain::CustomerEmail`] and the [`domain::Credentials`] record.
 //! - [`partner`] — the Skypostal client, its wire format and WCF dates.
 //! - [`cache`] — the credentials cache: single flight, freshness, stale answers.
+//! - [`shared`] — the optional Redis tier: shared cache entries, cluster-wide purges, the global
+//!   partner quota, and the sealing that keeps e-mails and keys unreadable in Redis.
 //! - [`clock`] — the injectable clock of freshness and circuit decisions.
 //! - [`auth`] — callers' keys.
 //! - [`rate_limit`] — per-client limits and their headers; the partner call rate.
@@ -35,6 +37,7 @@ pub mod metrics;
 pub mod partner;
 pub mod rate_limit;
 pub mod routes;
+pub mod shared;
 pub mod simulator;
 pub mod startup;
 pub mod telemetry;

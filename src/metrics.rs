@@ -36,6 +36,7 @@ struct CacheCounters {
     hit: Counter,
     negative_hit: Counter,
     miss: Counter,
+    shared_hit: Counter,
     collapsed: Counter,
     forced: Counter,
     stale_while_revalidate: Counter,
@@ -101,6 +102,7 @@ impl Metrics {
             hit: outcome("hit"),
             negative_hit: outcome("negative_hit"),
             miss: outcome("miss"),
+            shared_hit: outcome("shared_hit"),
             collapsed: outcome("collapsed"),
             forced: outcome("forced"),
             stale_while_revalidate: outcome("stale_while_revalidate"),
@@ -208,6 +210,7 @@ impl Metrics {
             CacheStatus::Hit { .. } if found => &c.hit,
             CacheStatus::Hit { .. } => &c.negative_hit,
             CacheStatus::Stored => &c.miss,
+            CacheStatus::SharedHit { .. } => &c.shared_hit,
             CacheStatus::Collapsed => &c.collapsed,
             CacheStatus::Forced => &c.forced,
             CacheStatus::StaleWhileRevalidate { .. } => &c.stale_while_revalidate,
@@ -267,6 +270,104 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+impl Metrics {
+    /// Registers the shared tier's metrics (only instances with `[redis]` have them) and returns
+    /// their handles.
+    pub fn register_shared_tier(&mut self) -> SharedTierMetrics {
+        let r = &mut self.registry;
+        let m = SharedTierMetrics::default();
+        r.register(
+            "shared_tier_up",
+            "1 while Redis answers, 0 while the instance runs on local state alone",
+            m.up.clone(),
+        );
+        r.register(
+            "shared_tier_subscribed",
+            "1 while the purge channel is subscribed",
+            m.subscribed.clone(),
+        );
+        r.register(
+            "shared_tier_transitions",
+            "Changes of the shared tier's state, by the state entered",
+            m.transitions.clone(),
+        );
+        r.register(
+            "shared_tier_lookups",
+            "Reads of the shared cache tier by outcome",
+            m.lookups.clone(),
+        );
+        r.register(
+            "shared_tier_errors",
+            "Redis operations that failed or timed out, by operation",
+            m.errors.clone(),
+        );
+        r.register(
+            "shared_tier_purges_received",
+            "Purges announced by other replicas and applied here",
+            m.purges_received.clone(),
+        );
+        r.register(
+            "shared_quota_decisions",
+            "Partner call slots asked of the global quota, by outcome",
+            m.quota.clone(),
+        );
+        m
+    }
+}
+
+type Outcome = [(&'static str, &'static str); 1];
+
+/// The shared tier's metric handles; cheap to clone.
+#[derive(Clone, Default)]
+pub struct SharedTierMetrics {
+    up: Gauge,
+    subscribed: Gauge,
+    transitions: Family<Outcome, Counter>,
+    lookups: Family<Outcome, Counter>,
+    errors: Family<Outcome, Counter>,
+    purges_received: Counter,
+    quota: Family<Outcome, Counter>,
+}
+
+impl SharedTierMetrics {
+    /// The tier went up (`true`) or down.
+    pub fn transition(&self, up: bool) {
+        self.up.set(up.into());
+        let state = if up { "up" } else { "down" };
+        self.transitions.get_or_create(&[("state", state)]).inc();
+    }
+
+    /// The tier's state at start-up, before any transition.
+    pub fn set_up(&self, up: bool) {
+        self.up.set(up.into());
+    }
+
+    /// The purge channel was (`true`) or stopped being subscribed.
+    pub fn subscribed(&self, subscribed: bool) {
+        self.subscribed.set(subscribed.into());
+    }
+
+    /// A shared-tier read ended: `hit`, `stale`, `miss`, `unreadable`, `error` or `skipped`.
+    pub fn lookup(&self, outcome: &'static str) {
+        self.lookups.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// A Redis operation failed or timed out.
+    pub fn error(&self, operation: &'static str) {
+        self.errors.get_or_create(&[("operation", operation)]).inc();
+    }
+
+    /// Another replica's purge was applied.
+    pub fn purge_received(&self) {
+        self.purges_received.inc();
+    }
+
+    /// A global quota decision: `granted`, `waited`, `refused` or `local` (Redis unavailable).
+    pub fn quota(&self, outcome: &'static str) {
+        self.quota.get_or_create(&[("outcome", outcome)]).inc();
     }
 }
 

@@ -21,6 +21,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::partner::{ClientBuildError, SkypostalClient};
 use crate::routes;
+use crate::shared::SharedTier;
 
 /// Shared handles given to every handler: one reference count to clone per request.
 #[derive(Clone)]
@@ -94,6 +95,9 @@ pub enum StartupError {
     /// The partner client could not be built.
     #[error(transparent)]
     Client(#[from] ClientBuildError),
+    /// The shared tier could not be set up (its URL or TLS settings).
+    #[error("the shared tier could not be set up (`redis.url`): {0}")]
+    SharedTier(String),
     /// A listener failed while serving.
     #[error("the server failed: {0}")]
     Serve(std::io::Error),
@@ -121,11 +125,32 @@ impl Application {
 
     /// Builds with a given freshness clock (tests move a manual clock instead of sleeping).
     pub async fn build_with_clock(settings: &Settings, clock: Clock) -> Result<Self, StartupError> {
-        let metrics = Arc::new(Metrics::new());
-        let partner = SkypostalClient::new(&settings.upstream, clock.clone(), metrics.clone())?;
+        let mut metrics = Metrics::new();
+        let shared = match &settings.redis {
+            Some(redis) => Some(
+                SharedTier::new(
+                    redis,
+                    settings.upstream.max_rps,
+                    metrics.register_shared_tier(),
+                )
+                .map_err(|e| StartupError::SharedTier(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let metrics = Arc::new(metrics);
+        let partner = SkypostalClient::new(
+            &settings.upstream,
+            clock.clone(),
+            metrics.clone(),
+            shared.clone(),
+        )?;
+        let cache = CredentialsCache::new(&settings.cache, partner, clock, shared.clone());
+        if let Some(shared) = &shared {
+            shared.start(cache.purge_listener()).await;
+        }
         let state = AppState(Arc::new(AppShared {
             metrics,
-            cache: CredentialsCache::new(&settings.cache, partner, clock),
+            cache,
             clients: Arc::new(ClientRegistry::from_settings(settings)),
             readiness: Readiness::default(),
         }));

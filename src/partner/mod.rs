@@ -26,6 +26,7 @@ use crate::config::UpstreamSettings;
 use crate::domain::{Credentials, CustomerEmail};
 use crate::metrics::Metrics;
 use crate::rate_limit::CallRate;
+use crate::shared::{QuotaDecision, SharedTier};
 use breaker::{Breaker, BreakerPolicy, Verdict};
 pub use wire::PartnerErrorFields;
 
@@ -225,6 +226,8 @@ struct Inner {
     max_response_bytes: usize,
     permits: Semaphore,
     call_rate: CallRate,
+    /// The quota shared by all replicas, when there is a shared tier.
+    global_quota: Option<SharedTier>,
     breaker: Breaker,
     retry_after_cap: Duration,
     health: PartnerHealth,
@@ -265,11 +268,13 @@ impl AttemptError {
 }
 
 impl SkypostalClient {
-    /// Builds the client and its connection pool; `clock` times the circuit breaker.
+    /// Builds the client and its connection pool; `clock` times the circuit breaker. With
+    /// `global_quota`, `upstream.max_rps` is also enforced across every replica sharing it.
     pub fn new(
         settings: &UpstreamSettings,
         clock: Clock,
         metrics: Arc<Metrics>,
+        global_quota: Option<SharedTier>,
     ) -> Result<Self, ClientBuildError> {
         let http = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
@@ -293,6 +298,7 @@ impl SkypostalClient {
                 max_response_bytes: settings.max_response_bytes,
                 permits: Semaphore::new(settings.max_concurrency),
                 call_rate: CallRate::new(settings.max_rps),
+                global_quota,
                 breaker: Breaker::new(
                     BreakerPolicy {
                         consecutive_failures: settings.circuit_failures,
@@ -384,6 +390,12 @@ impl SkypostalClient {
                 };
                 if !inner.call_rate.acquire(deadline).await {
                     return Err(PartnerError::Saturated);
+                }
+                // Redis unavailable leaves the local limit alone in charge.
+                if let Some(quota) = &inner.global_quota {
+                    if quota.acquire_call(deadline).await == QuotaDecision::Refused {
+                        return Err(PartnerError::Saturated);
+                    }
                 }
                 let ticket = inner.breaker.admit()?;
                 let started = Instant::now();

@@ -95,7 +95,7 @@ pub async fn get_credentials(
     params(("email" = String, Path, description = "The customer's e-mail address", example = "johndoe@email.com", max_length = 254, min_length = 3)),
     security(("bearer" = []), ("api_key" = [])),
     responses(
-        (status = 204, description = "The cached answer, if any, is gone"),
+        (status = 204, description = "The cached answer, if any, is gone (from every replica, with the shared tier)"),
         (status = 400, description = "The path segment is not a valid e-mail", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No key or an unknown key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The client is not an admin", body = Problem, content_type = "application/problem+json"),
@@ -109,8 +109,12 @@ pub async fn purge_credentials(
     Extension(request_id): Extension<RequestId>,
     EmailParam(email): EmailParam,
 ) -> Result<StatusCode, ApiError> {
-    state.cache.invalidate(&email);
-    tracing::info!(%request_id, client = %client.name, %email, "purged cached answer");
+    if state.cache.purge(&email).await {
+        tracing::info!(%request_id, client = %client.name, %email, "purged cached answer");
+    } else {
+        // The shared tier is down: other replicas keep their copy until it expires.
+        tracing::warn!(%request_id, client = %client.name, %email, "purged cached answer on this replica only: the shared tier is unavailable");
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -57,6 +57,14 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
                 "last_failure_unix": health.last_failure_unix(),
             },
             "cache": { "entries": state.cache.entry_count() },
+            // Informational: the service answers from local state while it is down.
+            "shared_tier": match state.cache.shared() {
+                Some(shared) => json!({
+                    "state": shared.state_label(),
+                    "purges_subscribed": shared.is_subscribed(),
+                }),
+                None => json!({ "state": "disabled" }),
+            },
         }
     });
     let status = if draining {

@@ -35,7 +35,12 @@ pub struct TestApp {
 
 /// The settings every test starts from: loopback, the simulator as partner, two clients.
 pub fn test_settings(partner: SocketAddr) -> Settings {
-    let layer = format!(
+    test_settings_with(partner, "")
+}
+
+/// [`test_settings`] with more TOML appended (whole sections only).
+pub fn test_settings_with(partner: SocketAddr, extra: &str) -> Settings {
+    let mut layer = format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
@@ -67,6 +72,7 @@ admin = true
         key_sha256_hex(KEY),
         key_sha256_hex(ADMIN_KEY)
     );
+    layer.push_str(extra);
     Settings::load(None, Some(&layer)).expect("test settings are valid")
 }
 
@@ -77,15 +83,27 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the simulator and the application, letting the test adjust the settings first.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let (sim, sim_addr) = start_partner().await;
+    let mut settings = test_settings(sim_addr);
+    adjust(&mut settings);
+    spawn_app_on(sim, &settings).await
+}
+
+/// Starts a partner simulator on an ephemeral port.
+pub async fn start_partner() -> (Simulator, SocketAddr) {
     let sim = Simulator::new(USER_CODE, APP_KEY);
     let sim_addr = sim
         .spawn(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .await
         .expect("simulator binds");
-    let mut settings = test_settings(sim_addr);
-    adjust(&mut settings);
+    (sim, sim_addr)
+}
+
+/// Starts the application with these settings, in front of an already running simulator
+/// (several instances may share one).
+pub async fn spawn_app_on(sim: Simulator, settings: &Settings) -> TestApp {
     let clock = Clock::manual();
-    let app = Application::build_with_clock(&settings, clock.clone())
+    let app = Application::build_with_clock(settings, clock.clone())
         .await
         .expect("application builds");
     let base = format!("http://127.0.0.1:{}", app.port());

@@ -9,6 +9,8 @@ mod limits;
 mod logs;
 mod metrics;
 mod partner_failures;
+mod redis_server;
 mod resilience;
 mod routes;
+mod shared_tier;
 mod soak;

@@ -1,0 +1,397 @@
+//! The shared Redis tier: two instances sharing one real `redis-server` and one partner.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use futures_util::StreamExt as _;
+use serde_json::Value;
+use skypostal_proxy::config::Settings;
+use skypostal_proxy::simulator::Simulator;
+
+use crate::helpers::{
+    assert_problem, eventually, header, spawn_app_on, start_partner, test_settings_with, TestApp,
+    ADMIN_KEY, APP_KEY, KEY,
+};
+use crate::redis_server::RedisServer;
+
+const PREFIX: &str = "test-proxy:";
+const STORED: &str = "skypostal-proxy; fwd=miss; stored";
+
+/// A fresh random 256-bit key in a file of its own.
+fn key_file() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "skypostal-proxy-test-keys-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    let key: [u8; 32] = rand::random();
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key);
+    std::fs::write(&path, format!("# newest first\n{text}\n")).expect("key file is written");
+    path
+}
+
+/// Two instances sharing `redis` and one partner; `adjust` applies to both.
+async fn spawn_pair(
+    redis: &RedisServer,
+    adjust: impl Fn(&mut Settings),
+) -> (TestApp, TestApp, Simulator) {
+    let (sim, partner) = start_partner().await;
+    let keys = key_file();
+    let layer = format!(
+        r#"
+[redis]
+url = "{}"
+key_prefix = "{PREFIX}"
+encryption_key_file = "{}"
+# Generous: a loaded CI machine must not look like a Redis outage.
+command_timeout_ms = 1000
+recovery_interval_ms = 100
+"#,
+        redis.url(),
+        keys.display()
+    );
+    let mut settings = test_settings_with(partner, &layer);
+    adjust(&mut settings);
+    let a = spawn_app_on(sim.clone(), &settings).await;
+    let b = spawn_app_on(sim.clone(), &settings).await;
+    for app in [&a, &b] {
+        wait_for_tier(app, "up", true).await;
+    }
+    (a, b, sim)
+}
+
+/// The `shared_tier` part of `/readyz` (which must stay 200).
+async fn tier_state(app: &TestApp) -> Value {
+    let response = app.get("/readyz").await;
+    assert_eq!(response.status(), 200, "readiness stays green");
+    let body: Value = response.json().await.expect("readyz is JSON");
+    body["components"]["shared_tier"].clone()
+}
+
+async fn wait_for_tier(app: &TestApp, state: &str, subscribed: bool) {
+    let reached = eventually(Duration::from_secs(10), || async {
+        let tier = tier_state(app).await;
+        tier["state"] == state && tier["purges_subscribed"] == subscribed
+    })
+    .await;
+    assert!(
+        reached,
+        "tier should reach {state}/{subscribed}: {}",
+        tier_state(app).await
+    );
+}
+
+/// A 200 and its `Cache-Status`.
+async fn ok_status(app: &TestApp, email: &str) -> String {
+    let response = app.get_credentials(email).await;
+    assert_eq!(response.status(), 200, "{email}");
+    header(&response, "cache-status")
+}
+
+/// A miss on A fills Redis; B answers from it without calling the partner, found or not found.
+#[tokio::test]
+async fn a_miss_on_one_instance_is_answered_from_redis_on_the_other() {
+    let redis = RedisServer::start().await;
+    let (a, b, sim) = spawn_pair(&redis, |_| {}).await;
+
+    let first = a.get_credentials("shared@example.com").await;
+    assert_eq!(header(&first, "cache-status"), STORED);
+    let from_a: Value = first.json().await.expect("json");
+
+    let second = b.get_credentials("shared@example.com").await;
+    assert_eq!(second.status(), 200);
+    let status = header(&second, "cache-status");
+    assert!(
+        status.starts_with("skypostal-proxy-shared; hit; ttl=")
+            && status.ends_with(", skypostal-proxy; fwd=miss; stored"),
+        "{status}"
+    );
+    let from_b: Value = second.json().await.expect("json");
+    assert_eq!(from_a, from_b, "the same record from either instance");
+    assert_eq!(sim.calls(), 1, "one partner call for both instances");
+    // B keeps it in memory now.
+    assert!(ok_status(&b, "shared@example.com")
+        .await
+        .starts_with("skypostal-proxy; hit; ttl="));
+
+    let unknown = a.get_credentials("notfound-shared@example.com").await;
+    assert_problem(unknown, 404, "customer-not-found").await;
+    let unknown_on_b = b.get_credentials("notfound-shared@example.com").await;
+    assert!(header(&unknown_on_b, "cache-status").starts_with("skypostal-proxy-shared; hit"));
+    assert_problem(unknown_on_b, 404, "customer-not-found").await;
+    assert_eq!(sim.calls(), 2, "the negative answer is shared too");
+
+    // The TTL in Redis is the cache's lifetime plus the stale window, not forever.
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{PREFIX}v1:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for key in keys {
+        let ttl_ms: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        // Defaults: 300 s fresh (60 s for not found) + 3600 s stale-if-error.
+        assert!(ttl_ms > 3_600_000 && ttl_ms <= 3_900_000, "{ttl_ms}");
+    }
+}
+
+/// A purge on A removes the entry from Redis and from B's memory within a second.
+#[tokio::test]
+async fn a_purge_on_one_instance_reaches_the_other_within_a_second() {
+    let redis = RedisServer::start().await;
+    let (a, b, sim) = spawn_pair(&redis, |_| {}).await;
+    ok_status(&a, "purged@example.com").await;
+    assert!(ok_status(&b, "purged@example.com")
+        .await
+        .starts_with("skypostal-proxy-shared; hit"));
+    assert!(ok_status(&b, "purged@example.com")
+        .await
+        .starts_with("skypostal-proxy; hit"));
+    assert_eq!(sim.calls(), 1);
+
+    let purged_at = Instant::now();
+    assert_eq!(a.purge("purged@example.com", ADMIN_KEY).await.status(), 204);
+    // B answers from its memory until the announcement lands, then looks the customer up again.
+    let b_status = loop {
+        let status = ok_status(&b, "purged@example.com").await;
+        if !status.contains("hit") || purged_at.elapsed() > Duration::from_secs(2) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let took = purged_at.elapsed();
+    assert_eq!(b_status, STORED, "not from Redis either: the entry is gone");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(sim.calls(), 2);
+}
+
+/// `upstream.max_rps` holds across both instances under a burst of distinct cold e-mails.
+#[tokio::test]
+async fn the_partner_quota_holds_across_instances() {
+    const RPS: u32 = 4;
+    let redis = RedisServer::start().await;
+    let (a, b, sim) = spawn_pair(&redis, |s| {
+        s.upstream.max_rps = RPS;
+        s.upstream.deadline = Duration::from_millis(1_000);
+    })
+    .await;
+
+    let started = Instant::now();
+    let requests = (0..40).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        async move { app.get_credentials(&format!("burst-{i}@example.com")).await }
+    });
+    let responses = futures_util::future::join_all(requests).await;
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let mut ok = 0;
+    for response in responses {
+        match response.status().as_u16() {
+            200 => ok += 1,
+            503 => {
+                assert_problem(response, 503, "upstream-saturated").await;
+            }
+            // A slot granted just before the deadline leaves the call too little time.
+            504 => {
+                assert_problem(response, 504, "upstream-timeout").await;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let calls = sim.calls();
+    assert!(calls >= ok, "every 200 came from a call: {calls} < {ok}");
+    // One shared bucket: a burst of RPS, then RPS a second. Two separate ones would allow twice that.
+    let allowed = f64::from(RPS) + f64::from(RPS) * elapsed + 1.0;
+    assert!(
+        (calls as f64) <= allowed,
+        "{calls} partner calls in {elapsed:.2} s; the quota allows {allowed:.1}"
+    );
+    assert!(
+        calls >= u64::from(RPS),
+        "the burst itself is allowed: {calls}"
+    );
+    assert!(ok < 40, "the quota refused some lookups");
+}
+
+/// Redis stopping mid-test: both instances keep answering from local state and the partner, then
+/// use Redis again once it is back.
+#[tokio::test]
+async fn losing_redis_fails_no_request_and_both_instances_recover() {
+    let mut redis = RedisServer::start().await;
+    let (a, b, sim) = spawn_pair(&redis, |_| {}).await;
+    ok_status(&a, "warm@example.com").await;
+    ok_status(&b, "warm@example.com").await;
+    assert_eq!(sim.calls(), 1);
+
+    redis.stop().await;
+    for round in 0..5 {
+        for app in [&a, &b] {
+            // Cached in memory, and cold (Redis errors, then is skipped: the partner answers).
+            assert!(ok_status(app, "warm@example.com").await.contains("hit"));
+            ok_status(app, &format!("cold-{round}@example.com")).await;
+        }
+    }
+    for app in [&a, &b] {
+        wait_for_tier(app, "down", false).await;
+        assert_eq!(app.purge("warm@example.com", ADMIN_KEY).await.status(), 204);
+    }
+    let metrics = a.get("/metrics").await.text().await.expect("metrics");
+    assert!(
+        metrics.contains("skypostal_proxy_shared_tier_up 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"down\"} 1"));
+
+    redis.restart().await;
+    for app in [&a, &b] {
+        wait_for_tier(app, "up", true).await;
+    }
+    let calls = sim.calls();
+    assert_eq!(ok_status(&a, "after@example.com").await, STORED);
+    assert!(ok_status(&b, "after@example.com")
+        .await
+        .starts_with("skypostal-proxy-shared; hit"));
+    assert_eq!(sim.calls(), calls + 1, "B answered from Redis again");
+    let metrics = b.get("/metrics").await.text().await.expect("metrics");
+    assert!(metrics.contains("skypostal_proxy_shared_tier_up 1"));
+    assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"up\"} 1"));
+}
+
+/// Redis unreachable at start-up: the instance starts, serves, and picks Redis up when it comes.
+#[tokio::test]
+async fn an_instance_starts_without_redis_and_connects_when_it_appears() {
+    let mut redis = RedisServer::start().await;
+    redis.stop().await;
+    let (sim, partner) = start_partner().await;
+    let keys = key_file();
+    let layer = format!(
+        "[redis]\nurl = \"{}\"\nencryption_key_file = \"{}\"\nrecovery_interval_ms = 100\n",
+        redis.url(),
+        keys.display()
+    );
+    let app = spawn_app_on(sim, &test_settings_with(partner, &layer)).await;
+    assert_eq!(tier_state(&app).await["state"], "down");
+    ok_status(&app, "early@example.com").await;
+
+    redis.restart().await;
+    wait_for_tier(&app, "up", true).await;
+    ok_status(&app, "later@example.com").await;
+    let mut conn = redis.connection().await;
+    let stored: i64 = redis::cmd("DBSIZE")
+        .query_async(&mut conn)
+        .await
+        .expect("dbsize");
+    assert!(
+        stored >= 1,
+        "the lookup after recovery was written to Redis"
+    );
+}
+
+/// After a run, nothing in Redis (keys, values, purge announcements) reads as an e-mail, a
+/// customer key, the partner app key or a caller key.
+#[tokio::test]
+async fn nothing_in_redis_is_readable_as_an_email_or_a_secret() {
+    let redis = RedisServer::start().await;
+    let (a, b, _sim) = spawn_pair(&redis, |_| {}).await;
+
+    // Every announcement on the purge channel, as an operator with SUBSCRIBE would see it.
+    let mut pubsub = redis::Client::open(redis.url())
+        .expect("url")
+        .get_async_pubsub()
+        .await
+        .expect("pubsub");
+    pubsub
+        .subscribe(format!("{PREFIX}purge"))
+        .await
+        .expect("subscribe");
+    let mut announcements = pubsub.into_on_message();
+
+    let emails = [
+        "John.Doe@Example.com",
+        "alice+tag@example.org",
+        "bob@example.net",
+        "notfound-carol@example.com",
+    ];
+    let mut secrets: Vec<String> = vec![APP_KEY.to_owned(), KEY.to_owned(), ADMIN_KEY.to_owned()];
+    for email in emails {
+        let response = a.get_credentials(email).await;
+        if response.status() == 200 {
+            let body: Value = response.json().await.expect("json");
+            let customer_key = body["customer_key"].as_str().expect("customer_key");
+            secrets.push(customer_key.to_owned());
+        }
+        b.get_credentials(email).await;
+    }
+    assert_eq!(a.purge("bob@example.net", ADMIN_KEY).await.status(), 204);
+    let announcement = tokio::time::timeout(Duration::from_secs(5), announcements.next())
+        .await
+        .expect("the purge is announced")
+        .expect("a message");
+
+    let mut conn = redis.connection().await;
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    let mut seen: Vec<(String, Vec<u8>)> = Vec::new();
+    for key in &keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("type");
+        assert_eq!(kind, "string", "only plain values are written");
+        let value: Vec<u8> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("get");
+        seen.push((String::from_utf8_lossy(key).into_owned(), value));
+    }
+    // Three entries left after the purge: the sealed values must be there to be checked.
+    let entries = seen
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{PREFIX}v1:")))
+        .count();
+    assert_eq!(
+        entries,
+        3,
+        "{:?}",
+        seen.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    seen.push((
+        "purge announcement".to_owned(),
+        announcement.get_payload_bytes().to_vec(),
+    ));
+
+    let mut needles: Vec<String> = secrets;
+    for email in emails {
+        let lower = email.to_lowercase();
+        let local = lower.split('@').next().unwrap_or_default().to_owned();
+        needles.extend([email.to_owned(), lower, local]);
+    }
+    needles.extend(["customer_key", "customer_box_id", "Doe"].map(str::to_owned));
+    for (key, value) in &seen {
+        for needle in &needles {
+            let needle = needle.as_bytes();
+            let found = |hay: &[u8]| {
+                hay.windows(needle.len())
+                    .any(|w| w.eq_ignore_ascii_case(needle))
+            };
+            assert!(
+                !found(key.as_bytes()) && !found(value),
+                "{key:?} holds {:?} in clear",
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+}
