@@ -7,10 +7,18 @@
 #   miss      wrk, every request a new address (each a partner call)
 #   fill N    N distinct addresses through the cache, then the resident memory (RSS)
 #   soak S    the hit workload for S seconds, printing RSS every 10 s
+#   shared-hit  wrk over 1,000 addresses with the in-memory cache too small to hold them: every
+#             request is answered from the shared Redis tier (implies SHARED=1)
+#
+# SHARED=1 starts a redis-server (REDIS_PORT, 9392) and turns the shared tier on; `miss` then
+# includes the Redis read, write and global-quota call, and `fill` also reports Redis's memory.
 #
 # Installs wrk from the distribution's packages if it is missing, builds the release binary,
 # pins the service to core 0 and the load (and the simulator) to core 1 when there are 2+ cores.
-# Settings: DURATION (10), CONNECTIONS (64), SERVICE_PORT (9390), PARTNER_PORT (9391).
+# Settings: DURATION (10), CONNECTIONS (64), SERVICE_PORT (9390), PARTNER_PORT (9391), SHARED.
+REDIS_PORT=${REDIS_PORT:-9392}
+[[ ${1:-} == shared-hit ]] && SHARED=1
+SHARED=${SHARED:-0}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,6 +77,15 @@ key_sha256 = "$hash"
 [log]
 level = "warn"
 CONF
+    if [[ $SHARED == 1 ]]; then
+        "${LOAD_CPU[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
+            --appendonly no >/dev/null 2>&1 &
+        pids+=($!)
+        wait_port "$REDIS_PORT"
+        head -c 32 /dev/urandom | base64 >"$work/redis_keys"
+        printf '\n[redis]\nurl = "redis://127.0.0.1:%s"\nencryption_key_file = "%s"\n' \
+            "$REDIS_PORT" "$work/redis_keys" >>"$work/config.toml"
+    fi
     "${LOAD_CPU[@]}" "$BIN" mock-upstream --listen "127.0.0.1:$PARTNER_PORT" >/dev/null 2>&1 &
     pids+=($!)
     wait_port "$PARTNER_PORT"
@@ -114,6 +131,16 @@ case $mode in
         sleep 1
         entries=$(curl -s "http://127.0.0.1:$SERVICE_PORT/readyz" | sed 's/.*"entries":\([0-9]*\).*/\1/')
         echo "after $calls partner calls: $entries cached entries, RSS $(rss_mib) MiB"
+        if [[ $SHARED == 1 ]]; then
+            redis-cli -p "$REDIS_PORT" info memory | grep -E '^used_memory(_human)?:'
+            echo "redis keys: $(redis-cli -p "$REDIS_PORT" dbsize)"
+        fi
+        ;;
+    shared-hit)
+        start 1
+        wrk_run hit 3 >/dev/null
+        wrk_run hit "$DURATION"
+        echo "partner calls: $(curl -s "http://127.0.0.1:$PARTNER_PORT/__sim/stats")"
         ;;
     soak)
         seconds=${2:-60}

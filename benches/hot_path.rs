@@ -1,5 +1,5 @@
 //! Benchmarks of the functions on the request path: e-mail parsing, WCF dates, the partner answer
-//! mapping, and a cache hit. `cargo bench`; CI compiles them (`cargo bench --no-run`).
+//! mapping, a cache hit, and the shared tier's hashing and sealing. `cargo bench`; CI compiles them (`cargo bench --no-run`).
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -68,5 +68,26 @@ fn cache_hit(c: &mut Criterion) {
     c.bench_function("cache_key", |b| b.iter(|| cache.key(black_box(&email))));
 }
 
-criterion_group!(benches, parsers, cache_hit);
+fn shared_tier(c: &mut Criterion) {
+    use skypostal_proxy::config::EncryptionKeys;
+    use skypostal_proxy::shared::seal::Sealer;
+
+    let keys = EncryptionKeys::parse("q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=").expect("key");
+    let sealer = Sealer::new(&keys);
+    let email = CustomerEmail::parse(DOCUMENTED_EMAIL).expect("valid");
+    let record = serde_json::to_vec(&customer_record(DOCUMENTED_EMAIL)).expect("record");
+    let name = b"skypostal-proxy:v1:AAAAAAAAAAAAAAAAAAAAAA";
+    c.bench_function("shared_digest", |b| {
+        b.iter(|| sealer.digest(0, black_box(email.as_str())))
+    });
+    c.bench_function("shared_seal", |b| {
+        b.iter(|| sealer.seal(name, black_box(&record)))
+    });
+    let sealed = sealer.seal(name, &record).expect("sealed");
+    c.bench_function("shared_open", |b| {
+        b.iter(|| sealer.open(0, name, black_box(&sealed)))
+    });
+}
+
+criterion_group!(benches, parsers, cache_hit, shared_tier);
 criterion_main!(benches);

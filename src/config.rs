@@ -1015,4 +1015,81 @@ mod tests {
         assert!(out.contains("[redacted]"), "{out}");
         assert!(!format!("{s:?}").contains(GENERIC_TEST_APP_KEY));
     }
+
+    /// Loads an anonymous loopback configuration with this `[redis]` section body.
+    fn with_redis(body: &str) -> Result<Settings, ConfigError> {
+        Settings::load(
+            None,
+            Some(&format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\n[redis]\n{body}"
+            )),
+        )
+    }
+
+    fn key_file(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "skypostal-proxy-unit-{}-{name}",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_redis_section_needs_a_url_and_a_key_file() {
+        let err = with_redis("key_prefix = \"p:\"\n").unwrap_err().to_string();
+        assert!(err.contains("`redis.url`"), "{err}");
+        let err = with_redis("url = \"redis://127.0.0.1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`redis.encryption_key_file`"), "{err}");
+        let err = with_redis("url = \"https://127.0.0.1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`redis.url`"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_key_file_is_refused_without_quoting_it() {
+        let path = key_file("bad", "c2VjcmV0LWJ1dC1zaG9ydA\n");
+        let err = with_redis(&format!(
+            "url = \"redis://127.0.0.1\"\nencryption_key_file = \"{}\"\n",
+            path.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`redis.encryption_key_file`"), "{err}");
+        assert!(err.contains("not 32"), "{err}");
+        assert!(!err.contains("c2VjcmV0"), "{err}");
+    }
+
+    #[test]
+    fn tls_upgrades_the_url_and_the_password_is_redacted() {
+        let path = key_file("good", &format!("{}\n", "A".repeat(43)));
+        let s = with_redis(&format!(
+            "url = \"redis://:hunter2@cache.internal:6380/1\"\ntls = true\n\
+             encryption_key_file = \"{}\"\npool_size = 4\n",
+            path.display()
+        ))
+        .unwrap();
+        let redis = s.redis.as_ref().unwrap();
+        assert!(redis.tls);
+        assert!(redis.url.expose_secret().starts_with("rediss://"));
+        assert_eq!(redis.pool_size, 4);
+        assert_eq!(redis.encryption_keys.keys().len(), 1);
+        let shown = s.to_redacted_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("rediss://:redacted@cache.internal:6380/1"),
+            "{shown}"
+        );
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let err = with_redis(&format!(
+            "url = \"redis://127.0.0.1\"\nencryption_key_file = \"{}\"\npool_size = 0\n",
+            path.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`redis.pool_size`"), "{err}");
+    }
 }
