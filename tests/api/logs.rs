@@ -5,7 +5,8 @@ use std::time::Duration;
 use skypostal_proxy::simulator::Fault;
 
 use crate::binary::{binary_config, sigterm, spawn_serve, start_simulator, Served};
-use crate::helpers::{APP_KEY, KEY};
+use crate::helpers::{eventually, APP_KEY, KEY};
+use crate::redis_server::RedisServer;
 
 const CUSTOMER_KEY: &str = "YpbCNpzqxYqVWv+tzg4e4Ex6ALiT+DfKSYA3NY2dZcw=";
 
@@ -96,4 +97,68 @@ async fn trace_logs_hold_no_raw_email_and_no_secret() {
     assert!(logs.contains("n***@example.com"), "{logs}");
     assert!(logs.contains("\"request_id\""), "{logs}");
     assert!(logs.lines().count() > 20, "trace level logs plenty");
+}
+
+/// With the shared tier on and Redis lost and found again mid-run: the transitions are logged,
+/// and nothing logged holds the Redis password, an e-mail or a secret.
+#[tokio::test]
+async fn shared_tier_logs_its_transitions_without_secrets() {
+    const REDIS_PASSWORD: &str = "redis-password-never-logged-42";
+    let mut redis = RedisServer::start_with_password(REDIS_PASSWORD).await;
+    let (_sim, partner) = start_simulator(APP_KEY).await;
+    let config = binary_config(partner, "");
+    let keys = config.with_extension("keys");
+    std::fs::write(&keys, "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=\n").unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[redis]\nurl = \"{}\"\nencryption_key_file = \"{}\"\nrecovery_interval_ms = 100\n",
+        redis.url(),
+        keys.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let Served {
+        child,
+        addr,
+        stderr,
+    } = spawn_serve(&config, &[("SKYPOSTAL_PROXY__LOG__LEVEL", "trace")]).await;
+    let http = reqwest::Client::new();
+    let get = |email: &'static str| {
+        let request = http
+            .get(format!("http://{addr}/customers/{email}/credentials"))
+            .bearer_auth(KEY);
+        async move { request.send().await.expect("answered").status() }
+    };
+    assert_eq!(get("johndoe%40email.com").await, 200);
+    redis.stop().await;
+    assert_eq!(get("lost.redis%40example.com").await, 200);
+    let logged = |needle: &'static str| {
+        let stderr = stderr.clone();
+        async move { stderr.lock().unwrap().contains(needle) }
+    };
+    assert!(eventually(Duration::from_secs(5), || logged("shared tier down")).await);
+    redis.restart().await;
+    assert!(eventually(Duration::from_secs(10), || logged("shared tier up again")).await);
+    assert_eq!(get("found.again%40example.com").await, 200);
+    sigterm(&child);
+    let mut child = child;
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    let logs = stderr.lock().unwrap().clone();
+    for forbidden in [
+        REDIS_PASSWORD,
+        "johndoe@email.com",
+        "lost.redis@example.com",
+        "found.again@example.com",
+        "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80",
+        APP_KEY,
+        KEY,
+        CUSTOMER_KEY,
+    ] {
+        assert!(
+            !logs.contains(forbidden),
+            "logs contain {forbidden:?}:\n{logs}"
+        );
+    }
 }

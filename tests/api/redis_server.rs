@@ -14,31 +14,53 @@ use crate::helpers::eventually;
 /// A running (or stopped, to be restarted) Redis.
 pub struct RedisServer {
     pub port: u16,
+    password: Option<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts Redis on a free loopback port and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts Redis requiring this password (`requirepass`).
+    pub async fn start_with_password(password: &str) -> Self {
+        Self::start_with(Some(password.to_owned())).await
+    }
+
+    async fn start_with(password: Option<String>) -> Self {
         // The kernel names a free port; Redis binds it a moment later.
         let port = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            port,
+            password,
+            child: None,
+        };
         server.restart().await;
         server
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://[:password@]127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Starts Redis again on the same port (empty: nothing persists).
     pub async fn restart(&mut self) {
         let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        let password = self
+            .password
+            .iter()
+            .flat_map(|p| ["--requirepass".to_owned(), p.clone()]);
         let child = Command::new(&binary)
+            .args(password)
             .args([
                 "--port",
                 &self.port.to_string(),
