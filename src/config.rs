@@ -508,6 +508,20 @@ impl RawSettings {
         }
 
         let redis = self.redis.map(RawRedis::validate).transpose()?;
+        if let Some(redis) = &redis {
+            // A miss may read Redis, ask the global quota and write Redis around the partner call.
+            let budget = upstream.deadline + redis.command_timeout * 3;
+            if server.request_timeout <= budget {
+                return Err(ConfigError::invalid(
+                    "server.request_timeout_ms",
+                    format!(
+                        "must be longer than upstream.deadline_ms plus three redis.command_timeout_ms \
+                         ({} ms)",
+                        budget.as_millis()
+                    ),
+                ));
+            }
+        }
 
         Ok(Settings {
             server,

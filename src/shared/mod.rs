@@ -16,7 +16,7 @@ pub mod seal;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -57,10 +57,17 @@ struct Inner {
     recovery_interval: Duration,
     up: AtomicBool,
     subscribed: AtomicBool,
+    /// Purges Redis could not be told of: replayed before the tier counts as up again, so an
+    /// entry purged during an outage is not served from Redis afterwards.
+    pending_purges: Mutex<Vec<EntryNames>>,
     metrics: SharedTierMetrics,
 }
 
+/// Bound on purges remembered during an outage (the oldest are dropped beyond it).
+const MAX_PENDING_PURGES: usize = 10_000;
+
 /// The Redis names of one e-mail's entry: one per configured secret, newest first.
+#[derive(Clone)]
 pub struct EntryNames {
     digests: Vec<[u8; DIGEST]>,
     keys: Vec<String>,
@@ -121,6 +128,7 @@ impl SharedTier {
                 recovery_interval: settings.recovery_interval,
                 up: AtomicBool::new(false),
                 subscribed: AtomicBool::new(false),
+                pending_purges: Mutex::new(Vec::new()),
                 metrics,
             }),
         };
@@ -256,22 +264,25 @@ impl SharedTier {
     /// Deletes an entry under every name and announces the purge to the other replicas.
     /// `false` when Redis could not be told: the purge then stayed local.
     pub async fn purge(&self, names: &EntryNames) -> bool {
-        let payload: Vec<u8> = names.digests.concat();
         let mut conn = self.conn();
-        self.run("purge", async {
-            redis::pipe()
-                .cmd("DEL")
-                .arg(&names.keys)
-                .ignore()
-                .cmd("PUBLISH")
-                .arg(&self.inner.channel)
-                .arg(payload)
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-        })
-        .await
-        .is_some()
+        let mut pipe = redis::pipe();
+        add_purge(&mut pipe, &self.inner.channel, names);
+        let told = self
+            .run("purge", pipe.query_async::<()>(&mut conn))
+            .await
+            .is_some();
+        if !told {
+            let mut pending = self
+                .inner
+                .pending_purges
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if pending.len() >= MAX_PENDING_PURGES {
+                pending.remove(0);
+            }
+            pending.push(names.clone());
+        }
+        told
     }
 
     /// Asks the global quota for one partner call, waiting for a slot up to `deadline`.
@@ -330,8 +341,22 @@ impl SharedTier {
         }
         match timeout(self.inner.command_timeout, command).await {
             Ok(Ok(value)) => Some(value),
-            Ok(Err(e)) => {
+            // Only a lost or silent connection means Redis is down; a command Redis refused
+            // (no permission, out of memory, read-only replica) is counted and logged, or the
+            // tier would flap between down and a successful PING.
+            Ok(Err(e))
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error() =>
+            {
                 self.inner.mark_down(operation, &e.to_string());
+                None
+            }
+            Ok(Err(e)) => {
+                self.inner.metrics.error(operation);
+                tracing::warn!(operation, error = %e, "Redis refused a shared-tier command");
                 None
             }
             Err(_) => {
@@ -360,6 +385,41 @@ impl Inner {
         }
     }
 
+    /// Tells Redis of the purges made while it was down; `false` if it could not be told.
+    async fn replay_purges(&self) -> bool {
+        let pending = std::mem::take(
+            &mut *self
+                .pending_purges
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if pending.is_empty() {
+            return true;
+        }
+        let mut pipe = redis::pipe();
+        for names in &pending {
+            add_purge(&mut pipe, &self.channel, names);
+        }
+        let Some(conn) = self.conns.first() else {
+            return false;
+        };
+        let mut conn = conn.clone();
+        let sent = timeout(self.command_timeout * 4, pipe.query_async::<()>(&mut conn)).await;
+        if matches!(sent, Ok(Ok(_))) {
+            tracing::info!(
+                purges = pending.len(),
+                "purges made while the shared tier was down replayed"
+            );
+            true
+        } else {
+            self.pending_purges
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(pending);
+            false
+        }
+    }
+
     async fn ping_all(&self) -> bool {
         // A first connection can take the connect timeout, a live one only the command timeout.
         let bound = self.connect_timeout + self.command_timeout;
@@ -384,7 +444,8 @@ async fn recover(weak: Weak<Inner>) {
         let Some(inner) = weak.upgrade() else {
             return;
         };
-        if !inner.up.load(Ordering::SeqCst) && inner.ping_all().await {
+        if !inner.up.load(Ordering::SeqCst) && inner.ping_all().await && inner.replay_purges().await
+        {
             inner.up.store(true, Ordering::SeqCst);
             inner.metrics.transition(true);
             tracing::info!("shared tier up again: using Redis");
@@ -466,4 +527,15 @@ fn set_subscribed(weak: &Weak<Inner>, metrics: &SharedTierMetrics, subscribed: b
         inner.subscribed.store(subscribed, Ordering::SeqCst);
     }
     metrics.subscribed(subscribed);
+}
+
+/// Adds the `DEL` of every name of an entry, then the announcement of its digests.
+fn add_purge(pipe: &mut redis::Pipeline, channel: &str, names: &EntryNames) {
+    pipe.cmd("DEL")
+        .arg(&names.keys)
+        .ignore()
+        .cmd("PUBLISH")
+        .arg(channel)
+        .arg(names.digests.concat())
+        .ignore();
 }

@@ -395,3 +395,44 @@ async fn nothing_in_redis_is_readable_as_an_email_or_a_secret() {
         }
     }
 }
+
+/// A purge made while Redis does not answer is replayed when it does: the entry is not served
+/// from Redis afterwards, and the other instance drops its copy.
+#[tokio::test]
+async fn a_purge_during_an_outage_is_replayed_on_recovery() {
+    let redis = RedisServer::start().await;
+    let (a, b, sim) = spawn_pair(&redis, |_| {}).await;
+    ok_status(&a, "paused@example.com").await;
+    ok_status(&b, "paused@example.com").await;
+    assert_eq!(sim.calls(), 1);
+
+    // Redis keeps its data but stops answering for longer than the command timeout.
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "1500", "ALL"])
+        .query_async(&mut conn)
+        .await
+        .expect("client pause");
+    assert_eq!(a.purge("paused@example.com", ADMIN_KEY).await.status(), 204);
+    wait_for_tier(&a, "up", true).await;
+
+    let gone = eventually(Duration::from_secs(5), || async {
+        let mut conn = redis.connection().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{PREFIX}v1:*"))
+            .query_async(&mut conn)
+            .await
+            .expect("keys");
+        keys.is_empty()
+    })
+    .await;
+    assert!(gone, "the purge reached Redis after the outage");
+    assert_eq!(ok_status(&a, "paused@example.com").await, STORED);
+    let b_dropped = eventually(Duration::from_secs(5), || async {
+        !ok_status(&b, "paused@example.com")
+            .await
+            .starts_with("skypostal-proxy; hit")
+    })
+    .await;
+    assert!(b_dropped, "the replayed announcement reached B");
+}
