@@ -428,7 +428,13 @@ impl CredentialsCache {
     pub async fn purge(&self, email: &CustomerEmail) -> bool {
         self.invalidate(email);
         match &self.inner.shared {
-            Some(shared) => shared.purge(&shared.names(email)).await,
+            Some(shared) => {
+                let told = shared.purge(&shared.names(email)).await;
+                // A lookup between the first invalidation and the DEL may have read the old
+                // entry back from Redis.
+                self.invalidate(email);
+                told
+            }
             None => true,
         }
     }
