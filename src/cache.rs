@@ -426,13 +426,14 @@ impl CredentialsCache {
     /// Drops the answer here and, with a shared tier, from Redis and from every other replica.
     /// `false` when a shared tier exists but could not be told: the purge then stayed local.
     pub async fn purge(&self, email: &CustomerEmail) -> bool {
-        self.invalidate(email);
+        let key = self.key(email);
+        self.invalidate_key(key);
         match &self.inner.shared {
             Some(shared) => {
                 let told = shared.purge(&shared.names(email)).await;
                 // A lookup between the first invalidation and the DEL may have read the old
                 // entry back from Redis.
-                self.invalidate(email);
+                self.invalidate_key(key);
                 told
             }
             None => true,

@@ -139,7 +139,7 @@ impl SharedTier {
     /// purge subscriber, which calls `on_purge` with each index digest another replica purged.
     /// Redis being unreachable here is logged, not fatal: the tier starts down and recovers.
     pub async fn start(&self, on_purge: impl Fn(&[u8; DIGEST]) + Send + Sync + 'static) {
-        let up = self.ping_all().await;
+        let up = self.inner.ping_all().await;
         self.inner.up.store(up, Ordering::SeqCst);
         self.inner.metrics.set_up(up);
         if up {
@@ -365,11 +365,6 @@ impl SharedTier {
             }
         }
     }
-
-    /// PING on every connection; `true` if all answered in time.
-    async fn ping_all(&self) -> bool {
-        self.inner.ping_all().await
-    }
 }
 
 impl Inner {
@@ -420,6 +415,7 @@ impl Inner {
         }
     }
 
+    /// PING on every connection; `true` if all answered in time.
     async fn ping_all(&self) -> bool {
         // A first connection can take the connect timeout, a live one only the command timeout.
         let bound = self.connect_timeout + self.command_timeout;

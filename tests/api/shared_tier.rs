@@ -84,6 +84,16 @@ async fn wait_for_tier(app: &TestApp, state: &str, subscribed: bool) {
     );
 }
 
+/// The names of every cache entry in Redis.
+async fn entry_keys(redis: &RedisServer) -> Vec<String> {
+    let mut conn = redis.connection().await;
+    redis::cmd("KEYS")
+        .arg(format!("{PREFIX}v1:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys")
+}
+
 /// A 200 and its `Cache-Status`.
 async fn ok_status(app: &TestApp, email: &str) -> String {
     let response = app.get_credentials(email).await;
@@ -125,13 +135,9 @@ async fn a_miss_on_one_instance_is_answered_from_redis_on_the_other() {
     assert_eq!(sim.calls(), 2, "the negative answer is shared too");
 
     // The TTL in Redis is the cache's lifetime plus the stale window, not forever.
-    let mut conn = redis.connection().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{PREFIX}v1:*"))
-        .query_async(&mut conn)
-        .await
-        .expect("keys");
+    let keys = entry_keys(&redis).await;
     assert_eq!(keys.len(), 2, "{keys:?}");
+    let mut conn = redis.connection().await;
     for key in keys {
         let ttl_ms: i64 = redis::cmd("PTTL")
             .arg(&key)
@@ -417,13 +423,7 @@ async fn a_purge_during_an_outage_is_replayed_on_recovery() {
     wait_for_tier(&a, "up", true).await;
 
     let gone = eventually(Duration::from_secs(5), || async {
-        let mut conn = redis.connection().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{PREFIX}v1:*"))
-            .query_async(&mut conn)
-            .await
-            .expect("keys");
-        keys.is_empty()
+        entry_keys(&redis).await.is_empty()
     })
     .await;
     assert!(gone, "the purge reached Redis after the outage");
