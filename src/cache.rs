@@ -27,7 +27,7 @@ pub use crate::clock::Clock;
 use crate::config::CacheSettings;
 use crate::domain::CustomerEmail;
 use crate::partner::{PartnerAnswer, PartnerError, SkypostalClient};
-use crate::shared::{EntryNames, SharedTier, DIGEST};
+use crate::shared::{EntryNames, Purged, SharedTier};
 use crate::telemetry::RequestId;
 
 /// Longest freshness for which hit `Cache-Status` values are prepared at start-up.
@@ -229,8 +229,50 @@ struct Inner {
     stale_while_revalidate: Duration,
     /// `Cache-Status` of a hit with `i` seconds left, so a hit formats nothing.
     hit_headers: Box<[HeaderValue]>,
-    /// Purges so far; a lookup stores its answer only if none happened while it ran.
-    purges: AtomicU64,
+    /// Purges so far; a lookup stores its answer only if none touched its key while it ran.
+    generations: Generations,
+}
+
+/// Purge counters by slot of the key space, so that a purge holds back only the lookups of
+/// keys in its slot (one in [`SLOTS`]), not every lookup in flight.
+struct Generations {
+    slots: Box<[AtomicU64]>,
+    /// Purges of everything.
+    all: AtomicU64,
+}
+
+/// Slots of [`Generations`]: 8 KiB of counters.
+const SLOTS: usize = 1024;
+
+impl Generations {
+    fn new() -> Self {
+        Self {
+            slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            all: AtomicU64::new(0),
+        }
+    }
+
+    fn slot(&self, key: &CacheKey) -> &AtomicU64 {
+        // Keys are uniform hashes: their first bytes spread evenly.
+        let i = usize::from(u16::from_le_bytes([key.0[0], key.0[1]])) % SLOTS;
+        &self.slots[i]
+    }
+
+    /// The key's generation: it changes whenever the key, or everything, is purged.
+    fn of(&self, key: &CacheKey) -> u64 {
+        // Both only grow, so the sum changes whenever either does.
+        self.all
+            .load(Ordering::SeqCst)
+            .wrapping_add(self.slot(key).load(Ordering::SeqCst))
+    }
+
+    fn bump(&self, key: &CacheKey) {
+        self.slot(key).fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn bump_all(&self) {
+        self.all.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// Removes a key from the in-flight map when dropped.
@@ -303,7 +345,7 @@ impl CredentialsCache {
                 stale_if_error: secs(settings.stale_if_error_s),
                 stale_while_revalidate: secs(settings.stale_while_revalidate_s),
                 hit_headers,
-                purges: AtomicU64::new(0),
+                generations: Generations::new(),
             }),
         }
     }
@@ -441,17 +483,25 @@ impl CredentialsCache {
     }
 
     /// What applies the purges other replicas announce (by the entry's index digest).
-    pub fn purge_listener(&self) -> impl Fn(&[u8; DIGEST]) + Send + Sync + 'static {
+    pub fn purge_listener(&self) -> impl Fn(Purged<'_>) + Send + Sync + 'static {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        move |digest| {
-            if let Some(inner) = weak.upgrade() {
-                CredentialsCache { inner }.invalidate_key(CacheKey(*digest));
+        move |purged| {
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let cache = CredentialsCache { inner };
+            match purged {
+                Purged::Entry(digest) => cache.invalidate_key(CacheKey(*digest)),
+                Purged::All => {
+                    cache.inner.generations.bump_all();
+                    cache.inner.entries.invalidate_all();
+                }
             }
         }
     }
 
     fn invalidate_key(&self, key: CacheKey) {
-        self.inner.purges.fetch_add(1, Ordering::SeqCst);
+        self.inner.generations.bump(&key);
         self.inner.entries.invalidate(&key);
     }
 
@@ -505,7 +555,8 @@ impl CredentialsCache {
         // Debug level: an enabled span costs microseconds per miss; the lookup's warnings carry
         // the request id and masked e-mail themselves.
         let span = tracing::debug_span!("lookup", %request_id, %email);
-        let generation = inner.purges.load(Ordering::SeqCst);
+        let generation = inner.generations.of(&key);
+        let started = Instant::now();
         tokio::spawn(
             async move {
                 // Leaves the in-flight map however the task ends, a panic included: a key left
@@ -517,14 +568,14 @@ impl CredentialsCache {
                     .await;
                 if let Ok((entry, origin)) = &fetched {
                     // A purge that landed during the call may have been meant for this answer.
-                    if this.inner.purges.load(Ordering::SeqCst) == generation {
+                    if this.inner.generations.of(&key) == generation {
                         this.inner.entries.insert(key, entry.clone());
                         if let (Some(shared), Some(names), Origin::Partner) =
                             (&this.inner.shared, &names, origin)
                         {
                             // Before answering, so a replica asked next finds it.
                             let ttl = entry.fresh_for() + this.inner.stale_window;
-                            shared.store(names, &entry.0, ttl).await;
+                            shared.store(names, &entry.0, ttl, started).await;
                         }
                     }
                 }
@@ -556,9 +607,7 @@ impl CredentialsCache {
                     return Ok((entry, Origin::Shared));
                 }
                 // Stale: kept here as the stale-if-error answer should the partner fail.
-                if inner.purges.load(Ordering::SeqCst) == generation
-                    && !inner.entries.contains_key(&key)
-                {
+                if inner.generations.of(&key) == generation && !inner.entries.contains_key(&key) {
                     inner.entries.insert(key, entry);
                 }
             }

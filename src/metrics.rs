@@ -310,6 +310,11 @@ impl Metrics {
             m.purges_received.clone(),
         );
         r.register(
+            "shared_tier_purge_catch_ups",
+            "Resubscriptions to the purge channel, by how missed purges were made up for",
+            m.catch_ups.clone(),
+        );
+        r.register(
             "shared_quota_decisions",
             "Partner call slots asked of the global quota, by outcome",
             m.quota.clone(),
@@ -329,6 +334,7 @@ pub struct SharedTierMetrics {
     lookups: Family<Outcome, Counter>,
     errors: Family<Outcome, Counter>,
     purges_received: Counter,
+    catch_ups: Family<Outcome, Counter>,
     quota: Family<Outcome, Counter>,
 }
 
@@ -368,6 +374,12 @@ impl SharedTierMetrics {
     /// A global quota decision: `granted`, `waited`, `refused` or `local` (Redis unavailable).
     pub fn quota(&self, outcome: &'static str) {
         self.quota.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// A resubscription caught up from the purge log (`replayed`) or had to clear the
+    /// in-memory cache (`cleared`).
+    pub fn catch_up(&self, outcome: &'static str) {
+        self.catch_ups.get_or_create(&[("outcome", outcome)]).inc();
     }
 }
 

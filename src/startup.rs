@@ -131,6 +131,7 @@ impl Application {
                 SharedTier::new(
                     redis,
                     settings.upstream.max_rps,
+                    settings.upstream.deadline,
                     metrics.register_shared_tier(),
                 )
                 .map_err(|e| StartupError::SharedTier(e.to_string()))?,

@@ -11,29 +11,47 @@
 //! What reaches Redis is sealed first (see [`seal`]): keys are keyed hashes, values are encrypted
 //! and authenticated, and the purge channel carries only hashes.
 
+//!
+//! Purges are made so that none is lost or undone (see [`purge`]): a tombstone stops a lookup
+//! already running anywhere from writing the old answer back, and a replica that was not
+//! listening catches up from a purge log when it subscribes again.
+
+mod purge;
 mod quota;
 pub mod seal;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use futures_util::future::join_all;
 use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::RedisResult;
+use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+use redis::{IntoConnectionInfo as _, RedisResult};
 use secrecy::ExposeSecret;
 use tokio::time::{timeout, Instant};
 
 use crate::config::RedisSettings;
 use crate::domain::CustomerEmail;
 use crate::metrics::SharedTierMetrics;
+use purge::{Announcement, LogId, Plan};
 use seal::Sealer;
 
 /// Length of one index digest, as the purge channel carries them.
 pub const DIGEST: usize = 16;
+
+/// What another replica's purge asks this one to drop from memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purged<'a> {
+    /// The entry with this index digest.
+    Entry(&'a [u8; DIGEST]),
+    /// Everything: purges may have been missed and cannot be told apart any more.
+    All,
+}
 
 /// The Redis tier of one instance. Cheap to clone.
 #[derive(Clone)]
@@ -43,18 +61,33 @@ pub struct SharedTier {
 
 struct Inner {
     client: redis::Client,
-    conns: Box<[ConnectionManager]>,
+    manager_config: ConnectionManagerConfig,
+    pool_size: usize,
+    /// Replaced whole on every recovery: a connection whose peer vanished without a reset, or
+    /// whose login failed, is not trusted to heal itself.
+    pool: RwLock<Arc<[ConnectionManager]>>,
     next: AtomicUsize,
     sealer: Sealer,
     prefix: String,
     channel: String,
+    log_key: String,
     quota_key: String,
-    quota: redis::Script,
+    quota_script: redis::Script,
+    purge_script: redis::Script,
+    store_script: redis::Script,
     /// Microseconds between calls, and the burst tolerance.
     quota_args: (u64, u64),
+    /// The furthest ahead the quota can legitimately be booked, in microseconds.
+    quota_horizon_us: u64,
     command_timeout: Duration,
     connect_timeout: Duration,
     recovery_interval: Duration,
+    /// The longest a lookup may run before its store; a later store is skipped, so that a
+    /// tombstone (which outlives this) always covers it.
+    store_window: Duration,
+    tombstone_ms: u64,
+    /// This instance's name on the purge channel, to tell its own announcements.
+    instance: String,
     up: AtomicBool,
     subscribed: AtomicBool,
     /// Purges Redis could not be told of: replayed before the tier counts as up again, so an
@@ -66,11 +99,15 @@ struct Inner {
 /// Bound on purges remembered during an outage (the oldest are dropped beyond it).
 const MAX_PENDING_PURGES: usize = 10_000;
 
+/// Purges replayed per round trip after an outage.
+const REPLAY_BATCH: usize = 100;
+
 /// The Redis names of one e-mail's entry: one per configured secret, newest first.
 #[derive(Clone)]
 pub struct EntryNames {
     digests: Vec<[u8; DIGEST]>,
     keys: Vec<String>,
+    tombstones: Vec<String>,
 }
 
 impl EntryNames {
@@ -91,41 +128,65 @@ pub enum QuotaDecision {
     Unavailable,
 }
 
+/// Why a command did not give an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotRun {
+    /// The tier was down: not even tried.
+    Down,
+    /// Tried, and it failed or timed out.
+    Failed,
+}
+
 impl SharedTier {
     /// Sets up the connections (lazily: nothing is dialled here) and the sealing keys.
+    /// `per_s` is the global partner quota and `deadline` the longest a lookup may take.
     pub fn new(
         settings: &RedisSettings,
         per_s: u32,
+        deadline: Duration,
         metrics: SharedTierMetrics,
     ) -> RedisResult<Self> {
-        let client = redis::Client::open(settings.url.expose_secret())?;
-        let config = ConnectionManagerConfig::new()
+        let info = settings
+            .url
+            .expose_secret()
+            .into_connection_info()?
+            .set_tcp_settings(tcp_settings());
+        let client = redis::Client::open(info)?;
+        let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(settings.command_timeout))
             // Reconnection is paced by the recovery task, not by retries inside a command.
             .set_number_of_retries(0);
-        let conns = (0..settings.pool_size)
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-            .collect::<RedisResult<Box<[_]>>>()?;
+        let pool = new_pool(&client, &manager_config, settings.pool_size)?;
         let prefix = settings.key_prefix.clone();
         let (interval_us, tolerance_us) = quota::gcra_args(per_s);
-        let script = redis::Script::new(quota::GCRA_LUA);
+        let store_window = deadline + settings.command_timeout * 2;
+        let tombstone = store_window + settings.command_timeout + Duration::from_secs(1);
         let tier = Self {
             inner: Arc::new(Inner {
                 client,
-                conns,
+                manager_config,
+                pool_size: settings.pool_size,
+                pool: RwLock::new(pool),
                 next: AtomicUsize::new(0),
                 sealer: Sealer::new(&settings.encryption_keys),
                 channel: format!("{prefix}purge"),
+                log_key: format!("{prefix}purge-log"),
                 // The rate is part of the key: replicas that disagree on it during a rollout
                 // keep separate budgets instead of misreading each other's.
                 quota_key: format!("{prefix}quota:{interval_us}:{tolerance_us}"),
-                quota: script,
+                quota_script: redis::Script::new(quota::GCRA_LUA),
+                purge_script: redis::Script::new(purge::PURGE_LUA),
+                store_script: redis::Script::new(purge::STORE_LUA),
                 quota_args: (interval_us, tolerance_us),
+                quota_horizon_us: interval_us + tolerance_us + micros(deadline),
                 prefix,
                 command_timeout: settings.command_timeout,
                 connect_timeout: settings.connect_timeout,
                 recovery_interval: settings.recovery_interval,
+                store_window,
+                tombstone_ms: u64::try_from(tombstone.as_millis()).unwrap_or(u64::MAX),
+                instance: format!("{:016x}", rand::random::<u64>()),
                 up: AtomicBool::new(false),
                 subscribed: AtomicBool::new(false),
                 pending_purges: Mutex::new(Vec::new()),
@@ -135,18 +196,17 @@ impl SharedTier {
         Ok(tier)
     }
 
-    /// Connects (bounded by `redis.connect_timeout_ms`), then starts the recovery task and the
-    /// purge subscriber, which calls `on_purge` with each index digest another replica purged.
-    /// Redis being unreachable here is logged, not fatal: the tier starts down and recovers.
-    pub async fn start(&self, on_purge: impl Fn(&[u8; DIGEST]) + Send + Sync + 'static) {
-        let up = self.inner.ping_all().await;
+    /// Connects (bounded by one `redis.connect_timeout_ms` plus one command timeout), then
+    /// starts the recovery task and the purge subscriber, which calls `on_purge` for every
+    /// purge another replica makes. Redis being unreachable here is logged, not fatal: the
+    /// tier starts down and recovers.
+    pub async fn start(&self, on_purge: impl Fn(Purged<'_>) + Send + Sync + 'static) {
+        let pool = self.inner.current_pool();
+        let up = self.inner.ping_pool(&pool).await;
         self.inner.up.store(up, Ordering::SeqCst);
         self.inner.metrics.set_up(up);
         if up {
-            tracing::info!(
-                connections = self.inner.conns.len(),
-                "shared tier connected"
-            );
+            tracing::info!(connections = pool.len(), "shared tier connected");
         } else {
             tracing::warn!(
                 "shared tier unreachable at start-up: serving from local state until Redis answers"
@@ -187,11 +247,17 @@ impl SharedTier {
         let digests: Vec<_> = (0..inner.sealer.len())
             .map(|i| inner.sealer.digest(i, email.as_str()))
             .collect();
-        let keys = digests
-            .iter()
-            .map(|d| format!("{}v1:{}", inner.prefix, URL_SAFE_NO_PAD.encode(d)))
-            .collect();
-        EntryNames { digests, keys }
+        let named = |kind: &str| {
+            digests
+                .iter()
+                .map(|d| format!("{}{kind}:{}", inner.prefix, URL_SAFE_NO_PAD.encode(d)))
+                .collect()
+        };
+        EntryNames {
+            keys: named("v1"),
+            tombstones: named("t"),
+            digests,
+        }
     }
 
     /// Reads an entry: the first name that holds a value this instance can open. `None` on a
@@ -199,18 +265,23 @@ impl SharedTier {
     pub async fn fetch(&self, names: &EntryNames) -> Option<Vec<u8>> {
         let inner = &*self.inner;
         let metrics = &inner.metrics;
-        let mut conn = self.conn();
-        let Some(values) = self
-            .run("get", async {
+        let read = self
+            .run("get", |mut conn| async move {
                 redis::cmd("MGET")
                     .arg(&names.keys)
                     .query_async::<Vec<Option<Vec<u8>>>>(&mut conn)
                     .await
             })
-            .await
-        else {
-            metrics.lookup(if self.is_up() { "error" } else { "skipped" });
-            return None;
+            .await;
+        let values = match read {
+            Ok(values) => values,
+            Err(not_run) => {
+                metrics.lookup(match not_run {
+                    NotRun::Down => "skipped",
+                    NotRun::Failed => "error",
+                });
+                return None;
+            }
         };
         for (i, value) in values.iter().enumerate() {
             let (Some(value), Some(key)) = (value, names.keys.get(i)) else {
@@ -238,42 +309,61 @@ impl SharedTier {
             .lookup(if fresh { "hit" } else { "stale" });
     }
 
-    /// Writes an entry under the newest secret, to live `ttl` in Redis.
-    pub async fn store(&self, names: &EntryNames, plaintext: &[u8], ttl: Duration) {
+    /// Writes an entry under the newest secret, to live `ttl` in Redis, unless a purge since
+    /// the lookup `started` forbids it (its tombstone is still there), or the lookup ran so
+    /// long that the tombstone may be gone.
+    pub async fn store(
+        &self,
+        names: &EntryNames,
+        plaintext: &[u8],
+        ttl: Duration,
+        started: std::time::Instant,
+    ) {
         let inner = &*self.inner;
-        let Some(key) = names.keys.first() else {
+        if started.elapsed() > inner.store_window {
+            tracing::debug!("lookup outlived its store window: not written to the shared tier");
+            return;
+        }
+        let (Some(key), Some(tombstone)) = (names.keys.first(), names.tombstones.first()) else {
             return;
         };
         let Some(sealed) = inner.sealer.seal(key.as_bytes(), plaintext) else {
             return;
         };
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut conn = self.conn();
-        self.run("set", async {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(sealed)
-                .arg("PX")
-                .arg(ttl_ms)
-                .query_async::<()>(&mut conn)
-                .await
-        })
-        .await;
+        let stored = self
+            .run("set", |mut conn| async move {
+                inner
+                    .store_script
+                    .key(key)
+                    .key(tombstone)
+                    .arg(sealed)
+                    .arg(ttl_ms)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        if stored == Ok(0) {
+            tracing::debug!("a purge since the lookup began: its answer is not written back");
+        }
     }
 
-    /// Deletes an entry under every name and announces the purge to the other replicas.
-    /// `false` when Redis could not be told: the purge then stayed local.
+    /// Deletes an entry under every name, forbids writing it back for a while, and announces
+    /// the purge to the other replicas. `false` when Redis could not be told: the purge then
+    /// stayed local, and is replayed when Redis is back.
     pub async fn purge(&self, names: &EntryNames) -> bool {
-        let mut conn = self.conn();
-        let mut pipe = redis::pipe();
-        add_purge(&mut pipe, &self.inner.channel, names);
+        let inner = &*self.inner;
         let told = self
-            .run("purge", pipe.query_async::<()>(&mut conn))
+            .run("purge", |mut conn| async move {
+                inner
+                    .purge_invocation(names)
+                    .invoke_async::<String>(&mut conn)
+                    .await
+            })
             .await
-            .is_some();
+            .is_ok();
         if !told {
-            let mut pending = self
-                .inner
+            let mut pending = inner
                 .pending_purges
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
@@ -285,89 +375,96 @@ impl SharedTier {
         told
     }
 
-    /// Asks the global quota for one partner call, waiting for a slot up to `deadline`.
+    /// Asks the global quota for one partner call. The script books the first slot free before
+    /// `deadline`, so a caller waits once, for its own slot, instead of polling.
     pub async fn acquire_call(&self, deadline: Instant) -> QuotaDecision {
         let inner = &*self.inner;
-        let mut waited = false;
-        loop {
-            let mut conn = self.conn();
-            let wait_us = self
-                .run("quota", async {
-                    inner
-                        .quota
-                        .key(&inner.quota_key)
-                        .arg(inner.quota_args.0)
-                        .arg(inner.quota_args.1)
-                        .invoke_async::<i64>(&mut conn)
-                        .await
-                })
-                .await;
-            let Some(wait_us) = wait_us else {
-                inner.metrics.quota("local");
-                return QuotaDecision::Unavailable;
-            };
-            if wait_us <= 0 {
+        let max_wait_us = micros(deadline.saturating_duration_since(Instant::now()));
+        let booked = self
+            .run("quota", |mut conn| async move {
                 inner
-                    .metrics
-                    .quota(if waited { "waited" } else { "granted" });
-                return QuotaDecision::Granted;
+                    .quota_script
+                    .key(&inner.quota_key)
+                    .arg(inner.quota_args.0)
+                    .arg(inner.quota_args.1)
+                    .arg(max_wait_us)
+                    .arg(inner.quota_horizon_us)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        match booked {
+            Err(_) => {
+                inner.metrics.quota("local");
+                QuotaDecision::Unavailable
             }
-            let wait = Duration::from_micros(wait_us.unsigned_abs());
-            if Instant::now() + wait > deadline {
+            Ok(0) => {
+                inner.metrics.quota("granted");
+                QuotaDecision::Granted
+            }
+            Ok(wait_us) if wait_us > 0 => {
+                inner.metrics.quota("waited");
+                tokio::time::sleep(Duration::from_micros(wait_us.unsigned_abs())).await;
+                QuotaDecision::Granted
+            }
+            Ok(_) => {
                 inner.metrics.quota("refused");
-                return QuotaDecision::Refused;
+                QuotaDecision::Refused
             }
-            waited = true;
-            tokio::time::sleep(wait).await;
         }
     }
 
-    /// One connection of the pool, round robin.
-    fn conn(&self) -> ConnectionManager {
+    /// Runs one command on a connection of the pool unless the tier is down, within the
+    /// command timeout; a lost or silent connection marks the tier down.
+    async fn run<'a, T, F, Fut>(&'a self, operation: &'static str, command: F) -> Result<T, NotRun>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>> + 'a,
+    {
         let inner = &*self.inner;
-        let i = inner.next.fetch_add(1, Ordering::Relaxed) % inner.conns.len().max(1);
-        inner.conns[i].clone()
-    }
-
-    /// Runs one command unless the tier is down, within the command timeout; a failure marks
-    /// the tier down.
-    async fn run<T>(
-        &self,
-        operation: &'static str,
-        command: impl Future<Output = RedisResult<T>>,
-    ) -> Option<T> {
         if !self.is_up() {
-            return None;
+            return Err(NotRun::Down);
         }
-        match timeout(self.inner.command_timeout, command).await {
-            Ok(Ok(value)) => Some(value),
+        let Some(conn) = inner.conn() else {
+            return Err(NotRun::Down);
+        };
+        match timeout(inner.command_timeout, command(conn)).await {
+            Ok(Ok(value)) => Ok(value),
             // Only a lost or silent connection means Redis is down; a command Redis refused
             // (no permission, out of memory, read-only replica) is counted and logged, or the
             // tier would flap between down and a successful PING.
-            Ok(Err(e))
-                if e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout()
-                    || e.is_unrecoverable_error() =>
-            {
-                self.inner.mark_down(operation, &e.to_string());
-                None
+            Ok(Err(e)) if means_down(&e) => {
+                inner.mark_down(operation, &e.to_string());
+                Err(NotRun::Failed)
             }
             Ok(Err(e)) => {
-                self.inner.metrics.error(operation);
+                inner.metrics.error(operation);
                 tracing::warn!(operation, error = %e, "Redis refused a shared-tier command");
-                None
+                Err(NotRun::Failed)
             }
             Err(_) => {
-                self.inner.mark_down(operation, "timed out");
-                None
+                inner.mark_down(operation, "timed out");
+                Err(NotRun::Failed)
             }
         }
     }
 }
 
 impl Inner {
+    fn current_pool(&self) -> Arc<[ConnectionManager]> {
+        self.pool
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// One connection of the pool, round robin.
+    fn conn(&self) -> Option<ConnectionManager> {
+        let pool = self.pool.read().unwrap_or_else(PoisonError::into_inner);
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.len().max(1);
+        pool.get(i).cloned()
+    }
+
     fn mark_down(&self, operation: &'static str, error: &str) {
         self.metrics.error(operation);
         if self.up.swap(false, Ordering::SeqCst) {
@@ -380,57 +477,205 @@ impl Inner {
         }
     }
 
-    /// Tells Redis of the purges made while it was down; `false` if it could not be told.
+    /// The purge script's call for one entry.
+    fn purge_invocation(&self, names: &EntryNames) -> redis::ScriptInvocation<'_> {
+        let mut call = self.purge_script.key(&self.log_key);
+        call.key(&names.keys)
+            .key(&names.tombstones)
+            .arg(self.tombstone_ms)
+            .arg(purge::LOG_LEN)
+            .arg(names.digests.concat())
+            .arg(&self.channel)
+            .arg(&self.instance);
+        call
+    }
+
+    /// Tells Redis of the purges made while it was down; `false` if it could not be told of
+    /// them all (the rest stay pending).
     async fn replay_purges(&self) -> bool {
-        let pending = std::mem::take(
+        let mut pending = std::mem::take(
             &mut *self
                 .pending_purges
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         );
-        if pending.is_empty() {
-            return true;
-        }
-        let mut pipe = redis::pipe();
-        for names in &pending {
-            add_purge(&mut pipe, &self.channel, names);
-        }
-        let Some(conn) = self.conns.first() else {
-            return false;
+        let total = pending.len();
+        let Some(mut conn) = self.conn() else {
+            return pending.is_empty();
         };
-        let mut conn = conn.clone();
-        let sent = timeout(self.command_timeout * 4, pipe.query_async::<()>(&mut conn)).await;
-        if matches!(sent, Ok(Ok(_))) {
-            tracing::info!(
-                purges = pending.len(),
-                "purges made while the shared tier was down replayed"
-            );
-            true
-        } else {
-            self.pending_purges
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(pending);
-            false
-        }
-    }
-
-    /// PING on every connection; `true` if all answered in time.
-    async fn ping_all(&self) -> bool {
-        // A first connection can take the connect timeout, a live one only the command timeout.
-        let bound = self.connect_timeout + self.command_timeout;
-        for conn in self.conns.iter() {
-            let mut conn = conn.clone();
-            let pong = timeout(bound, redis::cmd("PING").query_async::<String>(&mut conn)).await;
-            if !matches!(pong, Ok(Ok(_))) {
+        let mut loaded = pending.is_empty();
+        while !pending.is_empty() {
+            if !loaded {
+                // A pipeline calls scripts by hash only, and a restarted Redis knows none.
+                let load = self.purge_script.prepare_invoke();
+                let load = timeout(self.command_timeout, load.load_async(&mut conn)).await;
+                loaded = matches!(load, Ok(Ok(_)));
+            }
+            let batch = pending.len().min(REPLAY_BATCH);
+            let mut pipe = redis::pipe();
+            for names in &pending[..batch] {
+                pipe.invoke_script(&self.purge_invocation(names)).ignore();
+            }
+            let sent = timeout(self.command_timeout * 4, pipe.query_async::<()>(&mut conn)).await;
+            if !loaded || !matches!(sent, Ok(Ok(_))) {
+                let mut kept = self
+                    .pending_purges
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                // Purges made meanwhile were pushed after these: keep the order.
+                pending.append(&mut kept);
+                *kept = pending;
                 return false;
             }
+            pending.drain(..batch);
+        }
+        if total > 0 {
+            tracing::info!(
+                purges = total,
+                "purges made while the shared tier was down replayed"
+            );
         }
         true
     }
+
+    /// PING on every connection of `pool` at once; `true` if all answered in time.
+    async fn ping_pool(&self, pool: &[ConnectionManager]) -> bool {
+        // A first connection can take the connect timeout, a live one only the command timeout.
+        let bound = self.connect_timeout + self.command_timeout;
+        let pings = pool.iter().map(|conn| {
+            let mut conn = conn.clone();
+            async move {
+                let ping = redis::cmd("PING");
+                let pong = timeout(bound, ping.query_async::<String>(&mut conn)).await;
+                matches!(pong, Ok(Ok(_)))
+            }
+        });
+        join_all(pings).await.into_iter().all(|answered| answered)
+    }
+
+    /// Reads the purge log from `from` (inclusive), or whole.
+    async fn read_log(
+        &self,
+        conn: &mut ConnectionManager,
+        from: Option<LogId>,
+    ) -> RedisResult<Vec<(LogId, Vec<u8>)>> {
+        let start = from.map_or_else(|| "-".to_owned(), |id| id.to_string());
+        let raw: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(&self.log_key)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(purge::LOG_LEN)
+            .query_async(conn)
+            .await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                // Fields come as [name, value]: the digests are the value.
+                Some((LogId::parse(id.as_bytes())?, fields.into_iter().nth(1)?))
+            })
+            .collect())
+    }
+
+    /// Applies the purges logged since `cursor` (all of them, or everything if the log was
+    /// trimmed past it) and returns the newest id seen.
+    async fn catch_up(
+        &self,
+        cursor: Option<LogId>,
+        on_purge: &impl Fn(Purged<'_>),
+    ) -> RedisResult<Option<LogId>> {
+        let Some(mut conn) = self.conn() else {
+            return Ok(cursor);
+        };
+        let mut whole = cursor.is_none();
+        let mut entries = self.read_log(&mut conn, cursor).await?;
+        let mut plan = purge::plan(cursor, &ids(&entries), whole);
+        if plan == Plan::ReadAll {
+            whole = true;
+            entries = self.read_log(&mut conn, None).await?;
+            plan = purge::plan(cursor, &ids(&entries), whole);
+        }
+        match plan {
+            Plan::Apply(from) => {
+                let missed = entries.get(from..).unwrap_or_default();
+                for (_, digests) in missed {
+                    apply(digests, on_purge);
+                }
+                if !missed.is_empty() && cursor.is_some() {
+                    self.metrics.catch_up("replayed");
+                    tracing::info!(
+                        purges = missed.len(),
+                        "purges announced while the channel was down applied from the log"
+                    );
+                }
+            }
+            Plan::ReadAll | Plan::Clear => {
+                on_purge(Purged::All);
+                self.metrics.catch_up("cleared");
+                tracing::warn!(
+                    "the purge log no longer reaches back to the last purge seen: in-memory \
+                     cache cleared, it refills from the shared tier"
+                );
+            }
+        }
+        Ok(entries.last().map(|(id, _)| *id).max(cursor))
+    }
 }
 
-/// Pings a down tier every `recovery_interval` and marks it up when every connection answers.
+/// TCP options of every connection: no Nagle delay on small commands, and a peer that stops
+/// answering is given up after about 10 s even when no reset ever arrives.
+fn tcp_settings() -> TcpSettings {
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(1));
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    let keepalive = keepalive.with_retries(5);
+    let settings = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    let settings = settings.set_user_timeout(Duration::from_secs(10));
+    settings
+}
+
+fn new_pool(
+    client: &redis::Client,
+    config: &ConnectionManagerConfig,
+    size: usize,
+) -> RedisResult<Arc<[ConnectionManager]>> {
+    (0..size.max(1))
+        .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+        .collect()
+}
+
+/// Whether an error means the connection is gone (rather than a command Redis refused).
+fn means_down(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn ids(entries: &[(LogId, Vec<u8>)]) -> Vec<LogId> {
+    entries.iter().map(|(id, _)| *id).collect()
+}
+
+/// Calls `on_purge` for every whole digest of an announcement or log entry.
+fn apply(digests: &[u8], on_purge: &impl Fn(Purged<'_>)) {
+    for digest in digests.chunks_exact(DIGEST) {
+        if let Ok(digest) = <&[u8; DIGEST]>::try_from(digest) {
+            on_purge(Purged::Entry(digest));
+        }
+    }
+}
+
+/// Pings a down tier every `recovery_interval` on fresh connections, and swaps them in and
+/// marks the tier up once every one answers and the purges made meanwhile are replayed.
 async fn recover(weak: Weak<Inner>) {
     loop {
         let Some(interval) = weak.upgrade().map(|inner| inner.recovery_interval) else {
@@ -440,8 +685,17 @@ async fn recover(weak: Weak<Inner>) {
         let Some(inner) = weak.upgrade() else {
             return;
         };
-        if !inner.up.load(Ordering::SeqCst) && inner.ping_all().await && inner.replay_purges().await
-        {
+        if inner.up.load(Ordering::SeqCst) {
+            continue;
+        }
+        let Ok(pool) = new_pool(&inner.client, &inner.manager_config, inner.pool_size) else {
+            continue;
+        };
+        if !inner.ping_pool(&pool).await {
+            continue;
+        }
+        *inner.pool.write().unwrap_or_else(PoisonError::into_inner) = pool;
+        if inner.replay_purges().await {
             inner.up.store(true, Ordering::SeqCst);
             inner.metrics.transition(true);
             tracing::info!("shared tier up again: using Redis");
@@ -449,16 +703,19 @@ async fn recover(weak: Weak<Inner>) {
     }
 }
 
-/// Keeps the purge channel subscribed, resubscribing after any loss, and applies every purge
-/// another replica announces.
-async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(&[u8; DIGEST]) + Send + Sync) {
+/// Keeps the purge channel subscribed, resubscribing after any loss, catches up from the purge
+/// log on every subscription, and applies every purge announced.
+async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(Purged<'_>) + Send + Sync) {
     let mut was_subscribed = false;
+    // The newest purge log id applied here.
+    let mut cursor: Option<LogId> = None;
     loop {
         let Some(inner) = weak.upgrade() else {
             return;
         };
         let client = inner.client.clone();
         let channel = inner.channel.clone();
+        let instance = inner.instance.clone();
         let (connect_timeout, command_timeout, interval) = (
             inner.connect_timeout,
             inner.command_timeout,
@@ -478,6 +735,24 @@ async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(&[u8; DIGEST]) + Send + 
                 tracing::info!("purge channel subscribed again");
             }
             was_subscribed = true;
+            // After subscribing, so nothing falls between the log and the channel (what is
+            // in both is applied twice, which is harmless). Announcements wait meanwhile.
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let caught = timeout(command_timeout * 4, inner.catch_up(cursor, &on_purge)).await;
+            drop(inner);
+            match caught {
+                Ok(Ok(newest)) => cursor = newest,
+                _ => {
+                    on_purge(Purged::All);
+                    metrics.catch_up("cleared");
+                    tracing::warn!(
+                        "the purge log could not be read: in-memory cache cleared, it refills \
+                         from the shared tier"
+                    );
+                }
+            }
             let (mut sink, mut messages) = pubsub.split();
             let mut ping = tokio::time::interval(interval);
             ping.tick().await;
@@ -486,16 +761,14 @@ async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(&[u8; DIGEST]) + Send + 
                     message = messages.next() => {
                         let Some(message) = message else { break };
                         let payload = message.get_payload_bytes();
-                        // Whole digests only: anything else on the channel is not ours.
-                        if payload.is_empty() || payload.len() % DIGEST != 0 {
+                        let Some(announced) = Announcement::parse(payload, DIGEST) else {
                             continue;
+                        };
+                        apply(announced.digests, &on_purge);
+                        cursor = cursor.max(Some(announced.id));
+                        if announced.sender != instance.as_bytes() {
+                            metrics.purge_received();
                         }
-                        for digest in payload.chunks_exact(DIGEST) {
-                            if let Ok(digest) = <&[u8; DIGEST]>::try_from(digest) {
-                                on_purge(digest);
-                            }
-                        }
-                        metrics.purge_received();
                     }
                     _ = ping.tick() => {
                         // Also notices a Redis that stopped answering without closing the socket.
@@ -523,15 +796,4 @@ fn set_subscribed(weak: &Weak<Inner>, metrics: &SharedTierMetrics, subscribed: b
         inner.subscribed.store(subscribed, Ordering::SeqCst);
     }
     metrics.subscribed(subscribed);
-}
-
-/// Adds the `DEL` of every name of an entry, then the announcement of its digests.
-fn add_purge(pipe: &mut redis::Pipeline, channel: &str, names: &EntryNames) {
-    pipe.cmd("DEL")
-        .arg(&names.keys)
-        .ignore()
-        .cmd("PUBLISH")
-        .arg(channel)
-        .arg(names.digests.concat())
-        .ignore();
 }

@@ -3,24 +3,33 @@
 //! from one budget of `upstream.max_rps` calls a second with a burst of the same size.
 //!
 //! The script reads Redis's own clock (`TIME`), so replicas' clocks do not have to agree. It
-//! answers 0 when the call may start now (and records it), or the microseconds to wait first.
+//! books the first free slot if the caller can wait for it, and answers how long to wait:
+//! 0 to start now, a positive number of microseconds to wait first (the slot is the caller's),
+//! or a negative number when the slot is further away than the caller can wait (nothing is
+//! booked).
 
 /// KEYS[1]: the quota key. ARGV[1]: microseconds between calls. ARGV[2]: burst tolerance in
-/// microseconds (`(burst - 1) * interval`).
+/// microseconds (`(burst - 1) * interval`). ARGV[3]: the longest the caller can wait.
+/// ARGV[4]: the furthest ahead any caller can book; a stored time beyond it can only come from
+/// a clock that went back (a fail-over to another host), and is reset rather than obeyed.
 pub(super) const GCRA_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local max_wait = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local allowed_at = tat - tolerance
-if now < allowed_at then
-  return math.ceil(allowed_at - now)
+if tat < now or tat > now + tonumber(ARGV[4]) then tat = now end
+local wait = tat - tolerance - now
+if wait > max_wait then
+  return -math.ceil(wait)
 end
 local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return 0
+if wait <= 0 then
+  return 0
+end
+return math.ceil(wait)
 ";
 
 /// The script's arguments for `per_s` calls a second with a burst of `per_s`.

@@ -355,12 +355,30 @@ async fn nothing_in_redis_is_readable_as_an_email_or_a_secret() {
             .query_async(&mut conn)
             .await
             .expect("type");
-        assert_eq!(kind, "string", "only plain values are written");
-        let value: Vec<u8> = redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .expect("get");
+        let value: Vec<u8> = match kind.as_str() {
+            "string" => redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("get"),
+            // The purge log: every field of every entry.
+            "stream" => {
+                let entries: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("xrange");
+                assert!(!entries.is_empty(), "the purge is logged");
+                entries
+                    .into_iter()
+                    .flat_map(|(_, fields)| fields)
+                    .flatten()
+                    .collect()
+            }
+            other => panic!("unexpected Redis type {other}"),
+        };
         seen.push((String::from_utf8_lossy(key).into_owned(), value));
     }
     // Three entries left after the purge: the sealed values must be there to be checked.
