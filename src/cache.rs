@@ -688,6 +688,33 @@ mod tests {
     }
 
     #[test]
+    fn a_purge_moves_the_generation_of_its_own_slot_only() {
+        let generations = Generations::new();
+        let key = |first: u8| {
+            let mut bytes = [0u8; 16];
+            bytes[0] = first;
+            CacheKey(bytes)
+        };
+        let (purged, other, same_slot) = (key(1), key(2), key(1));
+        let before = [&purged, &other].map(|k| generations.of(k));
+        generations.bump(&purged);
+        assert_ne!(generations.of(&purged), before[0]);
+        assert_eq!(generations.of(&same_slot), generations.of(&purged));
+        assert_eq!(
+            generations.of(&other),
+            before[1],
+            "other keys' lookups still store"
+        );
+        let before_all = generations.of(&other);
+        generations.bump_all();
+        assert_ne!(
+            generations.of(&other),
+            before_all,
+            "a purge of everything moves every key"
+        );
+    }
+
+    #[test]
     fn hit_headers_report_whole_seconds_left() {
         assert_eq!(
             CacheStatus::Hit { ttl_s: 42 }.header_value(),

@@ -601,7 +601,7 @@ impl Inner {
                 for (_, digests) in missed {
                     apply(digests, on_purge);
                 }
-                if !missed.is_empty() && cursor.is_some() {
+                if !missed.is_empty() {
                     self.metrics.catch_up("replayed");
                     tracing::info!(
                         purges = missed.len(),
@@ -730,11 +730,6 @@ async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(Purged<'_>) + Send + Syn
             RedisResult::Ok(pubsub)
         };
         if let Ok(Ok(pubsub)) = timeout(connect_timeout + command_timeout, subscribed).await {
-            set_subscribed(&weak, &metrics, true);
-            if was_subscribed {
-                tracing::info!("purge channel subscribed again");
-            }
-            was_subscribed = true;
             // After subscribing, so nothing falls between the log and the channel (what is
             // in both is applied twice, which is harmless). Announcements wait meanwhile.
             let Some(inner) = weak.upgrade() else {
@@ -753,6 +748,12 @@ async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(Purged<'_>) + Send + Syn
                     );
                 }
             }
+            // Subscribed means caught up and listening.
+            set_subscribed(&weak, &metrics, true);
+            if was_subscribed {
+                tracing::info!("purge channel subscribed again");
+            }
+            was_subscribed = true;
             let (mut sink, mut messages) = pubsub.split();
             let mut ping = tokio::time::interval(interval);
             ping.tick().await;

@@ -14,3 +14,4 @@ mod resilience;
 mod routes;
 mod shared_tier;
 mod soak;
+mod tcp_proxy;

@@ -52,6 +52,22 @@ impl RedisServer {
         }
     }
 
+    /// `redis://USER:PASSWORD@127.0.0.1:PORT`, for an ACL user.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
+    /// Runs one command as the default user and returns its answer.
+    pub async fn command(&self, args: &[&str]) -> redis::Value {
+        let mut conn = self.connection().await;
+        let (name, rest) = args.split_first().expect("a command");
+        redis::cmd(name)
+            .arg(rest)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
     /// Starts Redis again on the same port (empty: nothing persists).
     pub async fn restart(&mut self) {
         let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());

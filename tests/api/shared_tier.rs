@@ -1,6 +1,7 @@
 //! The shared Redis tier: two instances sharing one real `redis-server` and one partner.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -8,13 +9,14 @@ use base64::Engine as _;
 use futures_util::StreamExt as _;
 use serde_json::Value;
 use skypostal_proxy::config::Settings;
-use skypostal_proxy::simulator::Simulator;
+use skypostal_proxy::simulator::{Fault, Simulator};
 
 use crate::helpers::{
     assert_problem, eventually, header, spawn_app_on, start_partner, test_settings_with, TestApp,
     ADMIN_KEY, APP_KEY, KEY,
 };
 use crate::redis_server::RedisServer;
+use crate::tcp_proxy::StallingProxy;
 
 const PREFIX: &str = "test-proxy:";
 const STORED: &str = "skypostal-proxy; fwd=miss; stored";
@@ -40,27 +42,37 @@ async fn spawn_pair(
 ) -> (TestApp, TestApp, Simulator) {
     let (sim, partner) = start_partner().await;
     let keys = key_file();
+    let a = spawn_instance(&sim, partner, &redis.url(), &keys, &adjust).await;
+    let b = spawn_instance(&sim, partner, &redis.url(), &keys, &adjust).await;
+    for app in [&a, &b] {
+        wait_for_tier(app, "up", true).await;
+    }
+    (a, b, sim)
+}
+
+/// One instance on Redis at `url`, sealing with the keys in `keys`.
+async fn spawn_instance(
+    sim: &Simulator,
+    partner: SocketAddr,
+    url: &str,
+    keys: &Path,
+    adjust: impl Fn(&mut Settings),
+) -> TestApp {
     let layer = format!(
         r#"
 [redis]
-url = "{}"
+url = "{url}"
 key_prefix = "{PREFIX}"
 encryption_key_file = "{}"
 # Generous: a loaded CI machine must not look like a Redis outage.
 command_timeout_ms = 1000
 recovery_interval_ms = 100
 "#,
-        redis.url(),
         keys.display()
     );
     let mut settings = test_settings_with(partner, &layer);
     adjust(&mut settings);
-    let a = spawn_app_on(sim.clone(), &settings).await;
-    let b = spawn_app_on(sim.clone(), &settings).await;
-    for app in [&a, &b] {
-        wait_for_tier(app, "up", true).await;
-    }
-    (a, b, sim)
+    spawn_app_on(sim.clone(), &settings).await
 }
 
 /// The `shared_tier` part of `/readyz` (which must stay 200).
@@ -177,6 +189,12 @@ async fn a_purge_on_one_instance_reaches_the_other_within_a_second() {
     assert_eq!(b_status, STORED, "not from Redis either: the entry is gone");
     assert!(took < Duration::from_secs(1), "{took:?}");
     assert_eq!(sim.calls(), 2);
+    // A hears its own announcement too, but counts only other replicas' purges.
+    for (app, received) in [(&a, 0), (&b, 1)] {
+        let metrics = app.get("/metrics").await.text().await.expect("metrics");
+        let line = format!("skypostal_proxy_shared_tier_purges_received_total {received}\n");
+        assert!(metrics.contains(&line), "{line}: {metrics}");
+    }
 }
 
 /// `upstream.max_rps` holds across both instances under a burst of distinct cold e-mails.
@@ -191,6 +209,11 @@ async fn the_partner_quota_holds_across_instances() {
     .await;
 
     let started = Instant::now();
+    // One lookup each first, so both have loaded the scripts before Redis's counters start.
+    for app in [&a, &b] {
+        ok_status(app, "warm-up@example.com").await;
+    }
+    redis.command(&["CONFIG", "RESETSTAT"]).await;
     let requests = (0..40).map(|i| {
         let app = if i % 2 == 0 { &a } else { &b };
         async move { app.get_credentials(&format!("burst-{i}@example.com")).await }
@@ -225,6 +248,43 @@ async fn the_partner_quota_holds_across_instances() {
         "the burst itself is allowed: {calls}"
     );
     assert!(ok < 40, "the quota refused some lookups");
+
+    // The script books each caller's slot: one script call per decision, no polling.
+    let mut decisions = 0;
+    let mut waited = 0;
+    for app in [&a, &b] {
+        let text = app.get("/metrics").await.text().await.expect("metrics");
+        let decided = |outcome: &str| {
+            let name =
+                format!("skypostal_proxy_shared_quota_decisions_total{{outcome=\"{outcome}\"}}");
+            counter(&text, &name)
+        };
+        decisions += decided("granted") + decided("waited") + decided("refused");
+        waited += decided("waited");
+    }
+    let redis::Value::BulkString(stats) = redis.command(&["INFO", "commandstats"]).await else {
+        panic!("INFO answers a string");
+    };
+    let stats = String::from_utf8_lossy(&stats);
+    let script_calls: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let stores = entry_keys(&redis).await.len() as u64;
+    assert!(
+        script_calls <= decisions + stores,
+        "{script_calls} script calls for {decisions} quota decisions and {stores} stores"
+    );
+    assert!(waited > 0, "lookups waited for booked slots");
+}
+
+/// The value of one counter line in a Prometheus exposition (0 if absent).
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Redis stopping mid-test: both instances keep answering from local state and the partner, then
@@ -277,13 +337,7 @@ async fn an_instance_starts_without_redis_and_connects_when_it_appears() {
     let mut redis = RedisServer::start().await;
     redis.stop().await;
     let (sim, partner) = start_partner().await;
-    let keys = key_file();
-    let layer = format!(
-        "[redis]\nurl = \"{}\"\nencryption_key_file = \"{}\"\nrecovery_interval_ms = 100\n",
-        redis.url(),
-        keys.display()
-    );
-    let app = spawn_app_on(sim, &test_settings_with(partner, &layer)).await;
+    let app = spawn_instance(&sim, partner, &redis.url(), &key_file(), |_| {}).await;
     assert_eq!(tier_state(&app).await["state"], "down");
     ok_status(&app, "early@example.com").await;
 
@@ -453,4 +507,185 @@ async fn a_purge_during_an_outage_is_replayed_on_recovery() {
     })
     .await;
     assert!(b_dropped, "the replayed announcement reached B");
+}
+
+/// A lookup already running on A when B purges the customer cannot write the old answer back to
+/// Redis, even though A never hears of the purge.
+#[tokio::test]
+async fn a_lookup_running_during_a_purge_elsewhere_does_not_write_it_back() {
+    let redis = RedisServer::start().await;
+    // A may not subscribe, so the purge announcement never stops its lookup.
+    redis
+        .command(&[
+            "ACL",
+            "SETUSER",
+            "deaf",
+            "on",
+            ">deaf-pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-subscribe",
+        ])
+        .await;
+    let (sim, partner) = start_partner().await;
+    let keys = key_file();
+    let a = spawn_instance(
+        &sim,
+        partner,
+        &redis.url_as("deaf", "deaf-pw"),
+        &keys,
+        |_| {},
+    )
+    .await;
+    let b = spawn_instance(&sim, partner, &redis.url(), &keys, |_| {}).await;
+    wait_for_tier(&a, "up", false).await;
+    wait_for_tier(&b, "up", true).await;
+
+    const EMAIL: &str = "race@example.com";
+    sim.set_fault(Some(EMAIL), Fault::Slow { ms: 1_000 });
+    let purge_while_a_waits = async {
+        let reached = eventually(Duration::from_secs(5), || async { sim.calls() == 1 }).await;
+        assert!(reached, "A's lookup reached the partner");
+        assert_eq!(b.purge(EMAIL, ADMIN_KEY).await.status(), 204);
+    };
+    let (a_status, ()) = tokio::join!(ok_status(&a, EMAIL), purge_while_a_waits);
+    assert_eq!(a_status, STORED);
+    sim.recover();
+
+    assert!(
+        entry_keys(&redis).await.is_empty(),
+        "A's answer was not written back"
+    );
+    assert_eq!(
+        ok_status(&b, EMAIL).await,
+        STORED,
+        "B asks the partner again instead of serving what the purge removed"
+    );
+    assert_eq!(sim.calls(), 2);
+}
+
+/// A replica whose subscription was down while another purged catches up from the purge log
+/// when it subscribes again; one that missed more than the log holds clears its memory.
+#[tokio::test]
+async fn a_replica_that_missed_purges_catches_up_when_it_resubscribes() {
+    let redis = RedisServer::start().await;
+    redis
+        .command(&["ACL", "SETUSER", "a", "on", ">a-pw", "~*", "&*", "+@all"])
+        .await;
+    let (sim, partner) = start_partner().await;
+    let keys = key_file();
+    let a = spawn_instance(&sim, partner, &redis.url_as("a", "a-pw"), &keys, |_| {}).await;
+    let b = spawn_instance(&sim, partner, &redis.url(), &keys, |_| {}).await;
+    for app in [&a, &b] {
+        wait_for_tier(app, "up", true).await;
+    }
+    let deafen = || async {
+        redis.command(&["ACL", "SETUSER", "a", "-subscribe"]).await;
+        redis
+            .command(&["CLIENT", "KILL", "USER", "a", "TYPE", "pubsub"])
+            .await;
+        wait_for_tier(&a, "up", false).await;
+    };
+    let hear_again = || async {
+        redis.command(&["ACL", "SETUSER", "a", "+subscribe"]).await;
+        wait_for_tier(&a, "up", true).await;
+    };
+
+    // Missed purges still in the log are applied.
+    assert_eq!(ok_status(&a, "missed@example.com").await, STORED);
+    assert!(ok_status(&a, "missed@example.com")
+        .await
+        .starts_with("skypostal-proxy; hit"));
+    deafen().await;
+    assert_eq!(b.purge("missed@example.com", ADMIN_KEY).await.status(), 204);
+    hear_again().await;
+    assert_eq!(ok_status(&a, "missed@example.com").await, STORED);
+    assert_eq!(sim.calls(), 2);
+
+    // More purges than the log keeps: the ones missed cannot be told, so memory is cleared.
+    assert!(ok_status(&a, "kept@example.com").await.contains("stored"));
+    assert!(ok_status(&a, "kept@example.com")
+        .await
+        .starts_with("skypostal-proxy; hit"));
+    deafen().await;
+    let mut conn = redis.connection().await;
+    let mut pipe = redis::pipe();
+    for _ in 0..10_001 {
+        pipe.cmd("XADD")
+            .arg(format!("{PREFIX}purge-log"))
+            .arg("MAXLEN")
+            .arg(10_000)
+            .arg("*")
+            .arg("d")
+            .arg(&[0u8; 16][..])
+            .ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.expect("log filled");
+    hear_again().await;
+    assert!(
+        ok_status(&a, "kept@example.com")
+            .await
+            .starts_with("skypostal-proxy-shared; hit"),
+        "memory was cleared; Redis still has the entry"
+    );
+    let metrics = a.get("/metrics").await.text().await.expect("metrics");
+    for outcome in ["replayed", "cleared"] {
+        let line = format!(
+            "skypostal_proxy_shared_tier_purge_catch_ups_total{{outcome=\"{outcome}\"}} 1\n"
+        );
+        assert!(metrics.contains(&line), "{line}: {metrics}");
+    }
+}
+
+/// A login refused when connecting is not remembered: the instance connects on fresh
+/// connections once the user exists.
+#[tokio::test]
+async fn a_refused_login_is_retried_on_fresh_connections() {
+    let redis = RedisServer::start().await;
+    let (sim, partner) = start_partner().await;
+    let url = redis.url_as("late", "late-pw");
+    let app = spawn_instance(&sim, partner, &url, &key_file(), |_| {}).await;
+    assert_eq!(tier_state(&app).await["state"], "down");
+    ok_status(&app, "before@example.com").await;
+
+    redis
+        .command(&[
+            "ACL", "SETUSER", "late", "on", ">late-pw", "~*", "&*", "+@all",
+        ])
+        .await;
+    wait_for_tier(&app, "up", true).await;
+    assert_eq!(ok_status(&app, "after@example.com").await, STORED);
+    assert_eq!(entry_keys(&redis).await.len(), 1, "written to Redis");
+}
+
+/// Redis going silent without closing the connections (no reset ever arrives): the instance
+/// marks the tier down, keeps answering, and comes back up on fresh connections.
+#[tokio::test]
+async fn connections_that_go_silent_are_replaced() {
+    let redis = RedisServer::start().await;
+    let proxy = StallingProxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    let (sim, partner) = start_partner().await;
+    let keys = key_file();
+    let url = format!("redis://{}", proxy.addr);
+    let a = spawn_instance(&sim, partner, &url, &keys, |_| {}).await;
+    let b = spawn_instance(&sim, partner, &redis.url(), &keys, |_| {}).await;
+    for app in [&a, &b] {
+        wait_for_tier(app, "up", true).await;
+    }
+
+    proxy.stall_existing();
+    // Redis does not answer: the lookup times out on it and asks the partner.
+    assert_eq!(ok_status(&a, "silent@example.com").await, STORED);
+    wait_for_tier(&a, "up", true).await;
+    assert_eq!(ok_status(&a, "back@example.com").await, STORED);
+    assert!(
+        ok_status(&b, "back@example.com")
+            .await
+            .starts_with("skypostal-proxy-shared; hit"),
+        "A writes to Redis again"
+    );
+    let metrics = a.get("/metrics").await.text().await.expect("metrics");
+    assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"down\"} 1"));
+    assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"up\"} 1"));
 }
