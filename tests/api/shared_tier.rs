@@ -689,3 +689,51 @@ async fn connections_that_go_silent_are_replaced() {
     assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"down\"} 1"));
     assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"up\"} 1"));
 }
+
+/// The README's ACL line is enough: a pair running as that user caches, shares, purges and
+/// books quota without Redis refusing a single command.
+#[tokio::test]
+async fn the_documented_acl_is_enough() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README is readable");
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER skypostal-proxy "))
+        .expect("the README gives an ACL line");
+    let line = line
+        .replace("skypostal-proxy:", PREFIX)
+        .replace(">CHANGE-ME", ">acl-pw");
+    let redis = RedisServer::start().await;
+    redis
+        .command(&line.split_whitespace().collect::<Vec<_>>())
+        .await;
+    let (sim, partner) = start_partner().await;
+    let keys = key_file();
+    let url = redis.url_as("skypostal-proxy", "acl-pw");
+    let a = spawn_instance(&sim, partner, &url, &keys, |_| {}).await;
+    let b = spawn_instance(&sim, partner, &url, &keys, |_| {}).await;
+    for app in [&a, &b] {
+        wait_for_tier(app, "up", true).await;
+    }
+
+    assert_eq!(ok_status(&a, "acl@example.com").await, STORED);
+    assert!(ok_status(&b, "acl@example.com")
+        .await
+        .starts_with("skypostal-proxy-shared; hit"));
+    assert_eq!(a.purge("acl@example.com", ADMIN_KEY).await.status(), 204);
+    let dropped = eventually(Duration::from_secs(5), || async {
+        ok_status(&b, "acl@example.com").await == STORED
+    })
+    .await;
+    assert!(dropped, "the purge reached B");
+    for app in [&a, &b] {
+        let metrics = app.get("/metrics").await.text().await.expect("metrics");
+        assert!(
+            !metrics.contains("shared_tier_errors_total{"),
+            "Redis refused a command: {metrics}"
+        );
+        assert!(
+            metrics.contains("skypostal_proxy_shared_quota_decisions_total{outcome=\"granted\"}")
+        );
+    }
+}
