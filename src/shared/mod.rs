@@ -556,7 +556,7 @@ impl Inner {
     /// Reads the purge log from `from` (inclusive), or whole.
     async fn read_log(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut redis::aio::MultiplexedConnection,
         from: Option<LogId>,
     ) -> RedisResult<Vec<(LogId, Vec<u8>)>> {
         let start = from.map_or_else(|| "-".to_owned(), |id| id.to_string());
@@ -584,9 +584,9 @@ impl Inner {
         cursor: Option<LogId>,
         on_purge: &impl Fn(Purged<'_>),
     ) -> RedisResult<Option<LogId>> {
-        let Some(mut conn) = self.conn() else {
-            return Ok(cursor);
-        };
+        // A connection of its own: the pool may still hold connections from before the outage
+        // that made this resubscription necessary.
+        let mut conn = self.client.get_multiplexed_async_connection().await?;
         let mut whole = cursor.is_none();
         let mut entries = self.read_log(&mut conn, cursor).await?;
         let mut plan = purge::plan(cursor, &ids(&entries), whole);
@@ -735,7 +735,8 @@ async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(Purged<'_>) + Send + Syn
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            let caught = timeout(command_timeout * 4, inner.catch_up(cursor, &on_purge)).await;
+            let budget = connect_timeout + command_timeout * 4;
+            let caught = timeout(budget, inner.catch_up(cursor, &on_purge)).await;
             drop(inner);
             match caught {
                 Ok(Ok(newest)) => cursor = newest,
