@@ -12,7 +12,7 @@
 //!   under the newest shared secret, so a purge announced by its index finds it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,8 @@ pub enum CachedAnswer {
 }
 
 /// One cache entry in a single allocation: a 16-byte header (milliseconds on the cache clock
-/// when stored, seconds of freshness, found or not) followed by the serialized record.
+/// when stored, seconds of freshness, found or not, and the trust epoch it was cached under)
+/// followed by the serialized record.
 ///
 /// One allocation rather than a struct pointing at a body: at a million entries the difference
 /// is about a hundred megabytes.
@@ -55,26 +56,40 @@ pub enum CachedAnswer {
 pub struct Entry(Bytes);
 
 const HEADER: usize = 16;
+/// Offset of the trust epoch in the header.
+const EPOCH: usize = 13;
 const FOUND: u8 = 1;
 
 impl Entry {
-    /// An entry read back from the shared tier; `None` if the bytes are not an entry.
-    fn from_shared(bytes: Vec<u8>) -> Option<Self> {
-        (bytes.len() >= HEADER && matches!(bytes[12], 0 | FOUND)).then(|| Self(Bytes::from(bytes)))
+    /// An entry read back from the shared tier, cached under `epoch`; `None` if the bytes are
+    /// not an entry.
+    fn from_shared(mut bytes: Vec<u8>, epoch: u16) -> Option<Self> {
+        if bytes.len() < HEADER || !matches!(bytes[12], 0 | FOUND) {
+            return None;
+        }
+        bytes[EPOCH..EPOCH + 2].copy_from_slice(&epoch.to_le_bytes());
+        Some(Self(Bytes::from(bytes)))
+    }
+
+    /// The trust epoch the entry was cached under (see [`Inner::epoch`]).
+    fn epoch(&self) -> u16 {
+        u16::from_le_bytes(self.word(EPOCH))
     }
 
     fn fresh_for(&self) -> Duration {
         Duration::from_secs(u32::from_le_bytes(self.word(8)).into())
     }
 
-    fn new(stored_at_ms: u64, fresh_for: Duration, body: Option<&[u8]>) -> Self {
+    fn new(stored_at_ms: u64, fresh_for: Duration, body: Option<&[u8]>, epoch: u16) -> Self {
         let found = body.is_some();
         let body = body.unwrap_or_default();
         let mut bytes = Vec::with_capacity(HEADER + body.len());
         bytes.extend_from_slice(&stored_at_ms.to_le_bytes());
         let fresh_s = u32::try_from(fresh_for.as_secs()).unwrap_or(u32::MAX);
         bytes.extend_from_slice(&fresh_s.to_le_bytes());
-        bytes.extend_from_slice(&[if found { FOUND } else { 0 }, 0, 0, 0]);
+        bytes.push(if found { FOUND } else { 0 });
+        bytes.extend_from_slice(&epoch.to_le_bytes());
+        bytes.push(0);
         bytes.extend_from_slice(body);
         Self(Bytes::from(bytes))
     }
@@ -216,7 +231,8 @@ pub struct CredentialsCache {
 
 struct Inner {
     entries: Cache<CacheKey, Entry>,
-    inflight: Mutex<HashMap<CacheKey, watch::Receiver<Option<Fetched>>>>,
+    /// Lookups running, with the key's generation when each began.
+    inflight: Mutex<HashMap<CacheKey, (u64, Pending)>>,
     partner: SkypostalClient,
     clock: Clock,
     key_secret: [u8; 32],
@@ -231,6 +247,26 @@ struct Inner {
     hit_headers: Box<[HeaderValue]>,
     /// Purges so far; a lookup stores its answer only if none touched its key while it ran.
     generations: Generations,
+    /// Entries cached under an earlier epoch are not served as fresh (nor while revalidating):
+    /// purges may have been missed that cannot be named. They remain a stale-if-error fallback.
+    epoch: AtomicU16,
+}
+
+impl Inner {
+    /// Caches an answer unless the key was purged since its lookup began (at `generation`).
+    /// Checked again after the insert: a purge landing in between would otherwise leave the
+    /// answer in place for its whole lifetime.
+    fn insert_unless_purged(&self, key: CacheKey, entry: &Entry, generation: u64) -> bool {
+        if self.generations.of(&key) != generation {
+            return false;
+        }
+        self.entries.insert(key, entry.clone());
+        if self.generations.of(&key) != generation {
+            self.entries.invalidate(&key);
+            return false;
+        }
+        true
+    }
 }
 
 /// Purge counters by slot of the key space, so that a purge holds back only the lookups of
@@ -275,20 +311,27 @@ impl Generations {
     }
 }
 
-/// Removes a key from the in-flight map when dropped.
+/// Where the waiters of a running lookup get its answer.
+type Pending = watch::Receiver<Option<Fetched>>;
+
+/// Removes a lookup from the in-flight map when dropped (unless a newer one replaced it).
 struct InflightGuard<'a> {
     cache: &'a CredentialsCache,
     key: CacheKey,
+    generation: u64,
 }
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        self.cache
+        let mut inflight = self
+            .cache
             .inner
             .inflight
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.key);
+            .unwrap_or_else(PoisonError::into_inner);
+        if inflight.get(&self.key).map(|(g, _)| *g) == Some(self.generation) {
+            inflight.remove(&self.key);
+        }
     }
 }
 
@@ -346,6 +389,7 @@ impl CredentialsCache {
                 stale_while_revalidate: secs(settings.stale_while_revalidate_s),
                 hit_headers,
                 generations: Generations::new(),
+                epoch: AtomicU16::new(0),
             }),
         }
     }
@@ -372,7 +416,7 @@ impl CredentialsCache {
         let cached = self.inner.entries.get(&key);
         let now = self.inner.clock.now_ms();
 
-        if let (Some(entry), false) = (&cached, force) {
+        if let (Some(entry), false) = (cached.as_ref().filter(|e| self.trusted(e)), force) {
             match entry.freshness(now) {
                 Ok(left) => {
                     return Lookup {
@@ -428,7 +472,12 @@ impl CredentialsCache {
                 // The lookup may have found a stale entry in the shared tier and kept it here.
                 let cached = cached.or_else(|| self.inner.entries.get(&key));
                 let stale = cached.and_then(|entry| {
-                    let past = entry.freshness(self.inner.clock.now_ms()).err()?;
+                    let past = match entry.freshness(self.inner.clock.now_ms()) {
+                        Err(past) => past,
+                        // Fresh by age but no longer trusted: a fallback like a stale one.
+                        Ok(_) if !self.trusted(&entry) => Duration::ZERO,
+                        Ok(_) => return None,
+                    };
                     (past < self.inner.stale_if_error).then_some((entry, past))
                 });
                 match stale {
@@ -494,10 +543,15 @@ impl CredentialsCache {
                 Purged::Entry(digest) => cache.invalidate_key(CacheKey(*digest)),
                 Purged::All => {
                     cache.inner.generations.bump_all();
-                    cache.inner.entries.invalidate_all();
+                    cache.inner.epoch.fetch_add(1, Ordering::SeqCst);
                 }
             }
         }
+    }
+
+    /// Whether an entry was cached under the current trust epoch.
+    fn trusted(&self, entry: &Entry) -> bool {
+        entry.epoch() == self.inner.epoch.load(Ordering::SeqCst)
     }
 
     fn invalidate_key(&self, key: CacheKey) {
@@ -533,20 +587,23 @@ impl CredentialsCache {
             .inflight
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(rx) = inflight.get(&key) {
+        let generation = inner.generations.of(&key);
+        // A lookup that began before a purge of this key may bring back what was purged: a
+        // request made after the purge starts its own.
+        if let Some((_, rx)) = inflight.get(&key).filter(|(g, _)| *g == generation) {
             return Role::Follower(rx.clone());
         }
         // A lookup that finished between our cache read and this lock stored its answer before
         // leaving the map: look again rather than call the partner twice.
         if !force {
-            if let Some(entry) = inner.entries.get(&key) {
+            if let Some(entry) = inner.entries.get(&key).filter(|e| self.trusted(e)) {
                 if let Ok(left) = entry.freshness(inner.clock.now_ms()) {
                     return Role::Fresh(entry, left);
                 }
             }
         }
         let (tx, rx) = watch::channel(None);
-        inflight.insert(key, rx.clone());
+        inflight.insert(key, (generation, rx.clone()));
         drop(inflight);
 
         let this = self.clone();
@@ -555,21 +612,23 @@ impl CredentialsCache {
         // Debug level: an enabled span costs microseconds per miss; the lookup's warnings carry
         // the request id and masked e-mail themselves.
         let span = tracing::debug_span!("lookup", %request_id, %email);
-        let generation = inner.generations.of(&key);
         let started = Instant::now();
         tokio::spawn(
             async move {
                 // Leaves the in-flight map however the task ends, a panic included: a key left
                 // behind would turn every later miss for it into a failure.
-                let guard = InflightGuard { cache: &this, key };
+                let guard = InflightGuard {
+                    cache: &this,
+                    key,
+                    generation,
+                };
                 let names = this.inner.shared.as_ref().map(|s| s.names(&email));
                 let fetched = this
                     .fetch(&email, key, names.as_ref(), force, generation, &request_id)
                     .await;
                 if let Ok((entry, origin)) = &fetched {
                     // A purge that landed during the call may have been meant for this answer.
-                    if this.inner.generations.of(&key) == generation {
-                        this.inner.entries.insert(key, entry.clone());
+                    if this.inner.insert_unless_purged(key, entry, generation) {
                         if let (Some(shared), Some(names), Origin::Partner) =
                             (&this.inner.shared, &names, origin)
                         {
@@ -600,15 +659,17 @@ impl CredentialsCache {
     ) -> Fetched {
         let inner = &self.inner;
         if let (Some(shared), Some(names), false) = (&inner.shared, names, force) {
-            if let Some(entry) = shared.fetch(names).await.and_then(Entry::from_shared) {
+            let epoch = inner.epoch.load(Ordering::SeqCst);
+            let fetched = shared.fetch(names).await;
+            if let Some(entry) = fetched.and_then(|bytes| Entry::from_shared(bytes, epoch)) {
                 let fresh = entry.freshness(inner.clock.now_ms()).is_ok();
                 shared.record_hit(fresh);
                 if fresh {
                     return Ok((entry, Origin::Shared));
                 }
                 // Stale: kept here as the stale-if-error answer should the partner fail.
-                if inner.generations.of(&key) == generation && !inner.entries.contains_key(&key) {
-                    inner.entries.insert(key, entry);
+                if !inner.entries.contains_key(&key) {
+                    inner.insert_unless_purged(key, &entry, generation);
                 }
             }
         }
@@ -646,7 +707,12 @@ impl CredentialsCache {
             }
         };
         Ok((
-            Entry::new(inner.clock.now_ms(), fresh_for, body.as_deref()),
+            Entry::new(
+                inner.clock.now_ms(),
+                fresh_for,
+                body.as_deref(),
+                inner.epoch.load(Ordering::SeqCst),
+            ),
             Origin::Partner,
         ))
     }
@@ -674,7 +740,8 @@ mod tests {
 
     #[test]
     fn an_entry_keeps_its_answer_and_freshness_in_one_buffer() {
-        let found = Entry::new(1_000, Duration::from_secs(300), Some(b"{\"a\":1}"));
+        let found = Entry::new(1_000, Duration::from_secs(300), Some(b"{\"a\":1}"), 7);
+        assert_eq!(found.epoch(), 7);
         let CachedAnswer::Found(body) = found.answer() else {
             panic!("found")
         };
@@ -683,7 +750,7 @@ mod tests {
         assert_eq!(found.freshness(302_000), Err(Duration::from_secs(1)));
         assert!(!format!("{found:?}").contains("\"a\""));
 
-        let missing = Entry::new(0, Duration::from_secs(60), None);
+        let missing = Entry::new(0, Duration::from_secs(60), None, 0);
         assert!(matches!(missing.answer(), CachedAnswer::NotFound));
     }
 

@@ -310,6 +310,11 @@ impl Metrics {
             m.purges_received.clone(),
         );
         r.register(
+            "shared_tier_stores",
+            "Answers offered to Redis, by outcome",
+            m.stores.clone(),
+        );
+        r.register(
             "shared_tier_purge_catch_ups",
             "Resubscriptions to the purge channel, by how missed purges were made up for",
             m.catch_ups.clone(),
@@ -335,6 +340,7 @@ pub struct SharedTierMetrics {
     errors: Family<Outcome, Counter>,
     purges_received: Counter,
     catch_ups: Family<Outcome, Counter>,
+    stores: Family<Outcome, Counter>,
     quota: Family<Outcome, Counter>,
 }
 
@@ -374,6 +380,12 @@ impl SharedTierMetrics {
     /// A global quota decision: `granted`, `waited`, `refused` or `local` (Redis unavailable).
     pub fn quota(&self, outcome: &'static str) {
         self.quota.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// An answer offered to Redis: `written`, `tombstoned` (a purge since the lookup began) or
+    /// `late` (the lookup outlived the purge tombstones' window).
+    pub fn store(&self, outcome: &'static str) {
+        self.stores.get_or_create(&[("outcome", outcome)]).inc();
     }
 
     /// A resubscription caught up from the purge log (`replayed`) or had to clear the

@@ -21,7 +21,7 @@ mod quota;
 pub mod seal;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
@@ -71,6 +71,7 @@ struct Inner {
     prefix: String,
     channel: String,
     log_key: String,
+    log_id_key: String,
     quota_key: String,
     quota_script: redis::Script,
     purge_script: redis::Script,
@@ -90,6 +91,9 @@ struct Inner {
     instance: String,
     up: AtomicBool,
     subscribed: AtomicBool,
+    /// Redis's clock minus this host's, in microseconds, once measured.
+    clock_offset_us: AtomicI64,
+    clock_synced: AtomicBool,
     /// Purges Redis could not be told of: replayed before the tier counts as up again, so an
     /// entry purged during an outage is not served from Redis afterwards.
     pending_purges: Mutex<Vec<EntryNames>>,
@@ -98,6 +102,9 @@ struct Inner {
 
 /// Bound on purges remembered during an outage (the oldest are dropped beyond it).
 const MAX_PENDING_PURGES: usize = 10_000;
+
+/// The least time a booked quota slot leaves the partner call before the lookup's deadline.
+const MIN_CALL_TIME: Duration = Duration::from_millis(100);
 
 /// Purges replayed per round trip after an outage.
 const REPLAY_BATCH: usize = 100;
@@ -172,6 +179,7 @@ impl SharedTier {
                 sealer: Sealer::new(&settings.encryption_keys),
                 channel: format!("{prefix}purge"),
                 log_key: format!("{prefix}purge-log"),
+                log_id_key: format!("{prefix}purge-log-id"),
                 // The rate is part of the key: replicas that disagree on it during a rollout
                 // keep separate budgets instead of misreading each other's.
                 quota_key: format!("{prefix}quota:{interval_us}:{tolerance_us}"),
@@ -179,7 +187,9 @@ impl SharedTier {
                 purge_script: redis::Script::new(purge::PURGE_LUA),
                 store_script: redis::Script::new(purge::STORE_LUA),
                 quota_args: (interval_us, tolerance_us),
-                quota_horizon_us: interval_us + tolerance_us + micros(deadline),
+                // Twice the furthest any booking reaches, so that replicas configured with a
+                // longer deadline (during a rollout) are not taken for a clock gone back.
+                quota_horizon_us: 2 * (interval_us + tolerance_us + micros(deadline)),
                 prefix,
                 command_timeout: settings.command_timeout,
                 connect_timeout: settings.connect_timeout,
@@ -189,6 +199,8 @@ impl SharedTier {
                 instance: format!("{:016x}", rand::random::<u64>()),
                 up: AtomicBool::new(false),
                 subscribed: AtomicBool::new(false),
+                clock_offset_us: AtomicI64::new(0),
+                clock_synced: AtomicBool::new(false),
                 pending_purges: Mutex::new(Vec::new()),
                 metrics,
             }),
@@ -206,6 +218,7 @@ impl SharedTier {
         self.inner.up.store(up, Ordering::SeqCst);
         self.inner.metrics.set_up(up);
         if up {
+            self.inner.sync_clock().await;
             tracing::info!(connections = pool.len(), "shared tier connected");
         } else {
             tracing::warn!(
@@ -214,7 +227,11 @@ impl SharedTier {
         }
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(recover(weak.clone()));
-        tokio::spawn(subscribe(weak, on_purge));
+        // The first subscription is made before anything is cached, so it has nothing to
+        // catch up on; start-up waits for it (bounded by the attempt's own timeouts).
+        let (first, first_done) = tokio::sync::oneshot::channel();
+        tokio::spawn(subscribe(weak, on_purge, first));
+        let _ = first_done.await;
     }
 
     /// Whether Redis answered the last command.
@@ -265,7 +282,7 @@ impl SharedTier {
     pub async fn fetch(&self, names: &EntryNames) -> Option<Vec<u8>> {
         let inner = &*self.inner;
         let metrics = &inner.metrics;
-        let read = self
+        let read = inner
             .run("get", |mut conn| async move {
                 redis::cmd("MGET")
                     .arg(&names.keys)
@@ -311,7 +328,8 @@ impl SharedTier {
 
     /// Writes an entry under the newest secret, to live `ttl` in Redis, unless a purge since
     /// the lookup `started` forbids it (its tombstone is still there), or the lookup ran so
-    /// long that the tombstone may be gone.
+    /// long that the tombstone may be gone (judged here, and again on Redis's clock when the
+    /// write runs).
     pub async fn store(
         &self,
         names: &EntryNames,
@@ -320,10 +338,19 @@ impl SharedTier {
         started: std::time::Instant,
     ) {
         let inner = &*self.inner;
-        if started.elapsed() > inner.store_window {
+        let ran = started.elapsed();
+        if ran > inner.store_window {
+            inner.metrics.store("late");
             tracing::debug!("lookup outlived its store window: not written to the shared tier");
             return;
         }
+        let latest_us = if inner.clock_synced.load(Ordering::SeqCst) {
+            let window_left = micros(inner.store_window - ran);
+            let local_latest = unix_us().saturating_add(window_left);
+            local_latest.saturating_add_signed(inner.clock_offset_us.load(Ordering::SeqCst))
+        } else {
+            0
+        };
         let (Some(key), Some(tombstone)) = (names.keys.first(), names.tombstones.first()) else {
             return;
         };
@@ -331,7 +358,7 @@ impl SharedTier {
             return;
         };
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let stored = self
+        let stored = inner
             .run("set", |mut conn| async move {
                 inner
                     .store_script
@@ -339,12 +366,19 @@ impl SharedTier {
                     .key(tombstone)
                     .arg(sealed)
                     .arg(ttl_ms)
+                    .arg(latest_us)
                     .invoke_async::<i64>(&mut conn)
                     .await
             })
             .await;
-        if stored == Ok(0) {
-            tracing::debug!("a purge since the lookup began: its answer is not written back");
+        match stored {
+            Ok(1) => inner.metrics.store("written"),
+            Ok(0) => {
+                inner.metrics.store("tombstoned");
+                tracing::debug!("a purge since the lookup began: its answer is not written back");
+            }
+            Ok(_) => inner.metrics.store("late"),
+            Err(_) => {}
         }
     }
 
@@ -353,7 +387,7 @@ impl SharedTier {
     /// stayed local, and is replayed when Redis is back.
     pub async fn purge(&self, names: &EntryNames) -> bool {
         let inner = &*self.inner;
-        let told = self
+        let told = inner
             .run("purge", |mut conn| async move {
                 inner
                     .purge_invocation(names)
@@ -363,10 +397,7 @@ impl SharedTier {
             .await
             .is_ok();
         if !told {
-            let mut pending = inner
-                .pending_purges
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut pending = inner.pending();
             if pending.len() >= MAX_PENDING_PURGES {
                 pending.remove(0);
             }
@@ -379,8 +410,10 @@ impl SharedTier {
     /// `deadline`, so a caller waits once, for its own slot, instead of polling.
     pub async fn acquire_call(&self, deadline: Instant) -> QuotaDecision {
         let inner = &*self.inner;
-        let max_wait_us = micros(deadline.saturating_duration_since(Instant::now()));
-        let booked = self
+        // A slot that leaves the call no time would only end in a timeout.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let max_wait_us = micros(left.saturating_sub(MIN_CALL_TIME));
+        let booked = inner
             .run("quota", |mut conn| async move {
                 inner
                     .quota_script
@@ -413,7 +446,9 @@ impl SharedTier {
             }
         }
     }
+}
 
+impl Inner {
     /// Runs one command on a connection of the pool unless the tier is down, within the
     /// command timeout; a lost or silent connection marks the tier down.
     async fn run<'a, T, F, Fut>(&'a self, operation: &'static str, command: F) -> Result<T, NotRun>
@@ -421,8 +456,8 @@ impl SharedTier {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>> + 'a,
     {
-        let inner = &*self.inner;
-        if !self.is_up() {
+        let inner = self;
+        if !self.up.load(Ordering::SeqCst) {
             return Err(NotRun::Down);
         }
         let Some(conn) = inner.conn() else {
@@ -448,9 +483,7 @@ impl SharedTier {
             }
         }
     }
-}
 
-impl Inner {
     fn current_pool(&self) -> Arc<[ConnectionManager]> {
         self.pool
             .read()
@@ -490,52 +523,123 @@ impl Inner {
         call
     }
 
-    /// Tells Redis of the purges made while it was down; `false` if it could not be told of
-    /// them all (the rest stay pending).
+    /// Tells Redis of the purges it could not be told of when they were made; `false` if some
+    /// are still pending (they are tried again on the next round). A purge Redis refuses (a
+    /// missing permission, out of memory) is dropped with a warning: trying it again every
+    /// round would only repeat the announcements of the others.
     async fn replay_purges(&self) -> bool {
-        let mut pending = std::mem::take(
-            &mut *self
-                .pending_purges
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        let mut pending = std::mem::take(&mut *self.pending());
+        if pending.is_empty() {
+            return true;
+        }
         let total = pending.len();
         let Some(mut conn) = self.conn() else {
-            return pending.is_empty();
+            self.keep_pending(pending);
+            return false;
         };
-        let mut loaded = pending.is_empty();
+        // A pipeline calls scripts by hash only, and a restarted Redis knows none.
+        let load = self.purge_script.prepare_invoke();
+        let load = timeout(self.command_timeout, load.load_async(&mut conn)).await;
+        if !matches!(load, Ok(Ok(_))) {
+            self.keep_pending(pending);
+            return false;
+        }
+        let mut refused = 0;
         while !pending.is_empty() {
-            if !loaded {
-                // A pipeline calls scripts by hash only, and a restarted Redis knows none.
-                let load = self.purge_script.prepare_invoke();
-                let load = timeout(self.command_timeout, load.load_async(&mut conn)).await;
-                loaded = matches!(load, Ok(Ok(_)));
-            }
             let batch = pending.len().min(REPLAY_BATCH);
             let mut pipe = redis::pipe();
+            pipe.ignore_errors();
             for names in &pending[..batch] {
-                pipe.invoke_script(&self.purge_invocation(names)).ignore();
+                pipe.invoke_script(&self.purge_invocation(names));
             }
-            let sent = timeout(self.command_timeout * 4, pipe.query_async::<()>(&mut conn)).await;
-            if !loaded || !matches!(sent, Ok(Ok(_))) {
-                let mut kept = self
-                    .pending_purges
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                // Purges made meanwhile were pushed after these: keep the order.
-                pending.append(&mut kept);
-                *kept = pending;
+            let sent = timeout(
+                self.command_timeout * 4,
+                pipe.query_async::<Vec<RedisResult<redis::Value>>>(&mut conn),
+            )
+            .await;
+            let Ok(Ok(results)) = sent else {
+                self.keep_pending(pending);
+                return false;
+            };
+            let mut retry = Vec::new();
+            for (names, result) in pending.drain(..batch).zip(results) {
+                match result {
+                    Ok(_) => {}
+                    Err(e)
+                        if means_down(&e)
+                            || e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        retry.push(names)
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        self.metrics.error("purge");
+                        tracing::warn!(error = %e, "Redis refused a replayed purge: dropped");
+                    }
+                }
+            }
+            if !retry.is_empty() {
+                retry.append(&mut pending);
+                self.keep_pending(retry);
                 return false;
             }
-            pending.drain(..batch);
         }
-        if total > 0 {
-            tracing::info!(
-                purges = total,
-                "purges made while the shared tier was down replayed"
-            );
-        }
+        tracing::info!(
+            purges = total - refused,
+            "purges Redis could not be told of when they were made replayed"
+        );
         true
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<EntryNames>> {
+        self.pending_purges
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts purges not replayed back in front of those made meanwhile.
+    fn keep_pending(&self, mut not_replayed: Vec<EntryNames>) {
+        let mut pending = self.pending();
+        not_replayed.append(&mut pending);
+        let excess = not_replayed.len().saturating_sub(MAX_PENDING_PURGES);
+        not_replayed.drain(..excess);
+        *pending = not_replayed;
+    }
+
+    /// Marks the tier up, unless purges were made while the last ones were replayed (the next
+    /// round replays them first).
+    fn mark_up_if_replayed(&self) -> bool {
+        let pending = self.pending();
+        if !pending.is_empty() {
+            return false;
+        }
+        self.up.store(true, Ordering::SeqCst);
+        drop(pending);
+        self.metrics.transition(true);
+        tracing::info!("shared tier up again: using Redis");
+        true
+    }
+
+    /// Reads Redis's clock (`TIME`) to learn its offset from this host's, which bounds stores
+    /// on Redis's own clock. On an up tier, also notices a Redis that went away while idle.
+    async fn sync_clock(&self) {
+        let before = unix_us();
+        let answer = self
+            .run("heartbeat", |mut conn| async move {
+                redis::cmd("TIME")
+                    .query_async::<(u64, u64)>(&mut conn)
+                    .await
+            })
+            .await;
+        if let Ok((secs, micros)) = answer {
+            let after = unix_us();
+            let redis_us = secs.saturating_mul(1_000_000).saturating_add(micros);
+            let local_us = before / 2 + after / 2;
+            let offset = i64::try_from(i128::from(redis_us) - i128::from(local_us)).unwrap_or(0);
+            self.clock_offset_us.store(offset, Ordering::SeqCst);
+            self.clock_synced.store(true, Ordering::SeqCst);
+        }
     }
 
     /// PING on every connection of `pool` at once; `true` if all answered in time.
@@ -577,25 +681,49 @@ impl Inner {
             .collect())
     }
 
-    /// Applies the purges logged since `cursor` (all of them, or everything if the log was
-    /// trimmed past it) and returns the newest id seen.
+    /// Makes up for the purges announced while this replica was not listening, and returns
+    /// where it now stands in the purge log. `initial`: the first subscription, made at
+    /// start-up before anything was cached.
     async fn catch_up(
         &self,
-        cursor: Option<LogId>,
+        seen: Option<&LogPosition>,
+        initial: bool,
         on_purge: &impl Fn(Purged<'_>),
-    ) -> RedisResult<Option<LogId>> {
+    ) -> RedisResult<LogPosition> {
         // A connection of its own: the pool may still hold connections from before the outage
         // that made this resubscription necessary.
         let mut conn = self.client.get_multiplexed_async_connection().await?;
-        let mut whole = cursor.is_none();
-        let mut entries = self.read_log(&mut conn, cursor).await?;
-        let mut plan = purge::plan(cursor, &ids(&entries), whole);
-        if plan == Plan::ReadAll {
-            whole = true;
-            entries = self.read_log(&mut conn, None).await?;
-            plan = purge::plan(cursor, &ids(&entries), whole);
-        }
-        match plan {
+        // The log's identity: set by the first replica to subscribe, new only if Redis lost it.
+        let candidate = format!("{:016x}", rand::random::<u64>());
+        let (log,): (String,) = redis::pipe()
+            .cmd("SET")
+            .arg(&self.log_id_key)
+            .arg(&candidate)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&self.log_id_key)
+            .query_async(&mut conn)
+            .await?;
+        let Some(seen) = seen.filter(|seen| seen.log == log) else {
+            // Nothing tells what was missed: a log Redis lost (a restart, an eviction), or a
+            // first subscription made after entries were cached.
+            let head: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XREVRANGE")
+                .arg(&self.log_key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await?;
+            let last = head.first().and_then(|(id, _)| LogId::parse(id.as_bytes()));
+            if seen.is_some() || !initial {
+                self.distrust_all(on_purge, "the purge log is not the one last seen");
+            }
+            return Ok(LogPosition { log, last });
+        };
+        let entries = self.read_log(&mut conn, seen.last).await?;
+        match purge::plan(seen.last, &ids(&entries)) {
             Plan::Apply(from) => {
                 let missed = entries.get(from..).unwrap_or_default();
                 for (_, digests) in missed {
@@ -609,17 +737,39 @@ impl Inner {
                     );
                 }
             }
-            Plan::ReadAll | Plan::Clear => {
-                on_purge(Purged::All);
-                self.metrics.catch_up("cleared");
-                tracing::warn!(
-                    "the purge log no longer reaches back to the last purge seen: in-memory \
-                     cache cleared, it refills from the shared tier"
+            Plan::Distrust => {
+                self.distrust_all(
+                    on_purge,
+                    "the purge log no longer reaches back to the last purge seen",
                 );
             }
         }
-        Ok(entries.last().map(|(id, _)| *id).max(cursor))
+        Ok(LogPosition {
+            log,
+            last: entries.last().map(|(id, _)| *id).max(seen.last),
+        })
     }
+
+    /// Purges may have been missed and cannot be named: nothing held in memory is served as
+    /// fresh again.
+    fn distrust_all(&self, on_purge: &impl Fn(Purged<'_>), why: &str) {
+        on_purge(Purged::All);
+        self.metrics.catch_up("distrusted");
+        tracing::warn!(
+            why,
+            "purges may have been missed: in-memory entries are no longer served as fresh (they \
+             refill from Redis or the partner, and remain a fallback if the partner fails)"
+        );
+    }
+}
+
+/// Where a replica stands in the purge log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LogPosition {
+    /// The log's identity (`{key_prefix}purge-log-id`).
+    log: String,
+    /// The newest entry applied; `None` while the log was empty.
+    last: Option<LogId>,
 }
 
 /// TCP options of every connection: no Nagle delay on small commands, and a peer that stops
@@ -657,6 +807,13 @@ fn means_down(e: &redis::RedisError) -> bool {
         || e.is_unrecoverable_error()
 }
 
+/// This host's wall clock in microseconds since the Unix epoch.
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, micros)
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -674,8 +831,10 @@ fn apply(digests: &[u8], on_purge: &impl Fn(Purged<'_>)) {
     }
 }
 
-/// Pings a down tier every `recovery_interval` on fresh connections, and swaps them in and
-/// marks the tier up once every one answers and the purges made meanwhile are replayed.
+/// Every `recovery_interval`: on an up tier, reads Redis's clock (which also notices a Redis
+/// lost while idle) and replays purges a refused or racing command left pending; on a down
+/// tier, opens fresh connections and, once every one answers and the pending purges are
+/// replayed, swaps them in and marks the tier up.
 async fn recover(weak: Weak<Inner>) {
     loop {
         let Some(interval) = weak.upgrade().map(|inner| inner.recovery_interval) else {
@@ -686,6 +845,10 @@ async fn recover(weak: Weak<Inner>) {
             return;
         };
         if inner.up.load(Ordering::SeqCst) {
+            inner.sync_clock().await;
+            if inner.up.load(Ordering::SeqCst) {
+                inner.replay_purges().await;
+            }
             continue;
         }
         let Ok(pool) = new_pool(&inner.client, &inner.manager_config, inner.pool_size) else {
@@ -696,19 +859,22 @@ async fn recover(weak: Weak<Inner>) {
         }
         *inner.pool.write().unwrap_or_else(PoisonError::into_inner) = pool;
         if inner.replay_purges().await {
-            inner.up.store(true, Ordering::SeqCst);
-            inner.metrics.transition(true);
-            tracing::info!("shared tier up again: using Redis");
+            inner.mark_up_if_replayed();
         }
     }
 }
 
 /// Keeps the purge channel subscribed, resubscribing after any loss, catches up from the purge
-/// log on every subscription, and applies every purge announced.
-async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(Purged<'_>) + Send + Sync) {
+/// log on every subscription, and applies every purge announced. `first` hears when the first
+/// attempt is over, whatever its outcome.
+async fn subscribe(
+    weak: Weak<Inner>,
+    on_purge: impl Fn(Purged<'_>) + Send + Sync,
+    first: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut first = Some(first);
     let mut was_subscribed = false;
-    // The newest purge log id applied here.
-    let mut cursor: Option<LogId> = None;
+    let mut position: Option<LogPosition> = None;
     loop {
         let Some(inner) = weak.upgrade() else {
             return;
@@ -729,26 +895,39 @@ async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(Purged<'_>) + Send + Syn
             pubsub.subscribe(&channel).await?;
             RedisResult::Ok(pubsub)
         };
-        if let Ok(Ok(pubsub)) = timeout(connect_timeout + command_timeout, subscribed).await {
-            // After subscribing, so nothing falls between the log and the channel (what is
-            // in both is applied twice, which is harmless). Announcements wait meanwhile.
-            let Some(inner) = weak.upgrade() else {
-                return;
-            };
-            let budget = connect_timeout + command_timeout * 4;
-            let caught = timeout(budget, inner.catch_up(cursor, &on_purge)).await;
-            drop(inner);
-            match caught {
-                Ok(Ok(newest)) => cursor = newest,
-                _ => {
-                    on_purge(Purged::All);
-                    metrics.catch_up("cleared");
-                    tracing::warn!(
-                        "the purge log could not be read: in-memory cache cleared, it refills \
-                         from the shared tier"
-                    );
+        let initial = first.is_some();
+        let subscribed = timeout(connect_timeout + command_timeout, subscribed).await;
+        let caught = match subscribed {
+            Ok(Ok(pubsub)) => {
+                // After subscribing, so nothing falls between the log and the channel (what is
+                // in both is applied twice, which is harmless). Announcements wait meanwhile.
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let budget = connect_timeout + command_timeout * 4;
+                let caught = timeout(
+                    budget,
+                    inner.catch_up(position.as_ref(), initial, &on_purge),
+                )
+                .await;
+                match caught {
+                    Ok(Ok(now)) => Some((pubsub, now)),
+                    _ => {
+                        if position.is_some() || !initial {
+                            inner.distrust_all(&on_purge, "the purge log could not be read");
+                        }
+                        None
+                    }
                 }
             }
+            _ => None,
+        };
+        if let Some(first) = first.take() {
+            let _ = first.send(());
+        }
+        // Without the log read, stay unsubscribed: a retry is due in a moment.
+        if let Some((pubsub, now)) = caught {
+            position = Some(now);
             // Subscribed means caught up and listening.
             set_subscribed(&weak, &metrics, true);
             if was_subscribed {
@@ -767,7 +946,9 @@ async fn subscribe(weak: Weak<Inner>, on_purge: impl Fn(Purged<'_>) + Send + Syn
                             continue;
                         };
                         apply(announced.digests, &on_purge);
-                        cursor = cursor.max(Some(announced.id));
+                        if let Some(position) = &mut position {
+                            position.last = position.last.max(Some(announced.id));
+                        }
                         if announced.sender != instance.as_bytes() {
                             metrics.purge_received();
                         }

@@ -7,9 +7,10 @@
 //! - The tombstone stops a lookup that started before the purge, on any replica, from writing
 //!   the old answer back: entries are stored by [`STORE_LUA`], which writes nothing while a
 //!   tombstone exists.
-//! - The log lets a replica whose subscription was down catch up: on every (re)subscription it
-//!   reads the log from the last id it saw. If the log no longer reaches back that far, the
-//!   replica drops its whole in-memory cache instead (see [`plan`]).
+//! - The log lets a replica whose subscription was down catch up: on every resubscription it
+//!   reads the log from the last id it saw. If the log no longer reaches back that far, or is
+//!   not the log it saw (`{key_prefix}purge-log-id` changed: Redis restarted or evicted it),
+//!   the replica stops trusting what it holds in memory instead (see [`plan`]).
 
 use std::fmt;
 
@@ -32,8 +33,16 @@ return id
 ";
 
 /// KEYS[1]: the entry; KEYS[2]: its tombstone. ARGV[1]: the sealed value; ARGV[2]: its lifetime
-/// in ms. Returns 1 if written, 0 if a purge forbade it.
+/// in ms; ARGV[3]: the latest time, in microseconds on Redis's clock, at which the write may
+/// still happen (`0`: no bound). Returns 1 if written, 0 if a purge forbade it, -1 if too late
+/// (a write held up, by a `CLIENT PAUSE` say, until its tombstone could have expired).
 pub(super) const STORE_LUA: &str = r"
+if ARGV[3] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[3]) then
+    return -1
+  end
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
 end
@@ -82,30 +91,26 @@ impl<'a> Announcement<'a> {
     }
 }
 
-/// What a replica does with the log it read after subscribing.
+/// What a replica does with the log it read after subscribing again.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Plan {
     /// Apply the entries from this index on: they are the purges it may have missed.
     Apply(usize),
-    /// The log read from the cursor does not start at it: read the whole log.
-    ReadAll,
-    /// Purges may have been trimmed from the log unseen: drop every in-memory entry.
-    Clear,
+    /// Purges may have been trimmed from the log unseen: trust nothing held in memory.
+    Distrust,
 }
 
-/// Decides from the log read from `cursor` on (inclusive), or the whole log when `whole`.
-pub(super) fn plan(cursor: Option<LogId>, ids: &[LogId], whole: bool) -> Plan {
-    if let Some(at) = cursor.and_then(|c| ids.iter().position(|id| *id == c)) {
-        return Plan::Apply(at + 1);
-    }
-    if !whole {
-        return Plan::ReadAll;
-    }
-    if ids.len() < LOG_LEN {
-        // Never trimmed (or Redis restarted empty): it holds every purge since it began.
-        Plan::Apply(0)
-    } else {
-        Plan::Clear
+/// Decides from the log (of the identity last seen) read from `last` on, inclusive, or whole
+/// when `last` is `None` (the log was empty then).
+pub(super) fn plan(last: Option<LogId>, ids: &[LogId]) -> Plan {
+    match last {
+        Some(last) => match ids.iter().position(|id| *id == last) {
+            Some(at) => Plan::Apply(at + 1),
+            None => Plan::Distrust,
+        },
+        // Everything in it came after: all of it, unless it is full and lost some.
+        None if ids.len() < LOG_LEN => Plan::Apply(0),
+        None => Plan::Distrust,
     }
 }
 
@@ -147,25 +152,27 @@ mod tests {
     }
 
     #[test]
-    fn a_log_that_reaches_the_cursor_is_applied_after_it() {
+    fn a_log_that_reaches_the_last_purge_seen_is_applied_after_it() {
         let ids = [LogId(1, 0), LogId(2, 0), LogId(3, 0)];
-        assert_eq!(plan(Some(LogId(1, 0)), &ids, false), Plan::Apply(1));
-        assert_eq!(plan(Some(LogId(3, 0)), &ids, false), Plan::Apply(3));
-        assert_eq!(plan(Some(LogId(2, 0)), &ids, true), Plan::Apply(2));
+        assert_eq!(plan(Some(LogId(1, 0)), &ids), Plan::Apply(1));
+        assert_eq!(plan(Some(LogId(3, 0)), &ids), Plan::Apply(3));
+        // Read from the last purge seen, inclusive: it is first.
+        assert_eq!(plan(Some(LogId(2, 0)), &ids[1..]), Plan::Apply(1));
     }
 
     #[test]
-    fn a_log_that_misses_the_cursor_is_read_whole_then_applied_or_cleared() {
+    fn a_log_trimmed_past_the_last_purge_seen_is_distrusted() {
         let ids = [LogId(5, 0), LogId(6, 0)];
-        assert_eq!(plan(Some(LogId(1, 0)), &ids, false), Plan::ReadAll);
-        assert_eq!(plan(Some(LogId(1, 0)), &[], false), Plan::ReadAll);
-        // A short log was never trimmed: Redis restarted, and these are all its purges.
-        assert_eq!(plan(Some(LogId(1, 0)), &ids, true), Plan::Apply(0));
-        assert_eq!(plan(None, &ids, true), Plan::Apply(0));
-        assert_eq!(plan(None, &[], true), Plan::Apply(0));
-        // A full log may have lost the purges between the cursor and its start.
+        assert_eq!(plan(Some(LogId(1, 0)), &ids), Plan::Distrust);
+        assert_eq!(plan(Some(LogId(1, 0)), &[]), Plan::Distrust);
+    }
+
+    #[test]
+    fn a_log_empty_when_last_seen_is_applied_whole_unless_full() {
+        let ids = [LogId(5, 0), LogId(6, 0)];
+        assert_eq!(plan(None, &ids), Plan::Apply(0));
+        assert_eq!(plan(None, &[]), Plan::Apply(0));
         let full: Vec<_> = (10..10 + LOG_LEN as u64).map(|ms| LogId(ms, 0)).collect();
-        assert_eq!(plan(Some(LogId(1, 0)), &full, true), Plan::Clear);
-        assert_eq!(plan(None, &full, true), Plan::Clear);
+        assert_eq!(plan(None, &full), Plan::Distrust);
     }
 }

@@ -329,13 +329,11 @@ async fn losing_redis_fails_no_request_and_both_instances_recover() {
     let metrics = b.get("/metrics").await.text().await.expect("metrics");
     assert!(metrics.contains("skypostal_proxy_shared_tier_up 1"));
     assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"up\"} 1"));
-    // The restarted Redis has a short, new purge log: read whole, not a reason to clear memory.
+    // The restarted Redis lost the purge log: what it named cannot be known any more.
     for app in [&a, &b] {
         let metrics = app.get("/metrics").await.text().await.expect("metrics");
-        assert!(
-            !metrics.contains("catch_ups_total{outcome=\"cleared\"}"),
-            "{metrics}"
-        );
+        let line = "skypostal_proxy_shared_tier_purge_catch_ups_total{outcome=\"distrusted\"} 1\n";
+        assert!(metrics.contains(line), "{metrics}");
     }
 }
 
@@ -565,6 +563,10 @@ async fn a_lookup_running_during_a_purge_elsewhere_does_not_write_it_back() {
         entry_keys(&redis).await.is_empty(),
         "A's answer was not written back"
     );
+    // Refused by the tombstone, not merely deleted by a purge that happened to land after it.
+    let metrics = a.get("/metrics").await.text().await.expect("metrics");
+    let refused = "skypostal_proxy_shared_tier_stores_total{outcome=\"tombstoned\"} 1\n";
+    assert!(metrics.contains(refused), "{metrics}");
     assert_eq!(
         ok_status(&b, EMAIL).await,
         STORED,
@@ -611,11 +613,14 @@ async fn a_replica_that_missed_purges_catches_up_when_it_resubscribes() {
     assert_eq!(ok_status(&a, "missed@example.com").await, STORED);
     assert_eq!(sim.calls(), 2);
 
-    // More purges than the log keeps: the ones missed cannot be told, so memory is cleared.
-    assert!(ok_status(&a, "kept@example.com").await.contains("stored"));
-    assert!(ok_status(&a, "kept@example.com")
-        .await
-        .starts_with("skypostal-proxy; hit"));
+    // More purges than the log keeps: the ones missed cannot be told, so nothing in memory is
+    // served as fresh any more; it remains a fallback should the partner fail.
+    for email in ["kept@example.com", "fallback@example.com"] {
+        assert!(ok_status(&a, email).await.contains("stored"));
+        assert!(ok_status(&a, email)
+            .await
+            .starts_with("skypostal-proxy; hit"));
+    }
     deafen().await;
     let mut conn = redis.connection().await;
     let mut pipe = redis::pipe();
@@ -635,10 +640,25 @@ async fn a_replica_that_missed_purges_catches_up_when_it_resubscribes() {
         ok_status(&a, "kept@example.com")
             .await
             .starts_with("skypostal-proxy-shared; hit"),
-        "memory was cleared; Redis still has the entry"
+        "memory is not trusted; Redis still has the entry"
     );
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("DEL")
+        .arg(entry_keys(&redis).await)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    sim.set_fault(
+        Some("fallback@example.com"),
+        Fault::Status {
+            status: 500,
+            retry_after: None,
+        },
+    );
+    let fallback = ok_status(&a, "fallback@example.com").await;
+    assert!(fallback.contains("detail=stale-if-error"), "{fallback}");
     let metrics = a.get("/metrics").await.text().await.expect("metrics");
-    for outcome in ["replayed", "cleared"] {
+    for outcome in ["replayed", "distrusted"] {
         let line = format!(
             "skypostal_proxy_shared_tier_purge_catch_ups_total{{outcome=\"{outcome}\"}} 1\n"
         );
@@ -696,6 +716,18 @@ async fn connections_that_go_silent_are_replaced() {
     let metrics = a.get("/metrics").await.text().await.expect("metrics");
     assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"down\"} 1"));
     assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"up\"} 1"));
+    // The purge channel was replaced too: a purge on B reaches A's memory.
+    assert!(ok_status(&a, "back@example.com")
+        .await
+        .starts_with("skypostal-proxy; hit"));
+    assert_eq!(b.purge("back@example.com", ADMIN_KEY).await.status(), 204);
+    let dropped = eventually(Duration::from_secs(5), || async {
+        !ok_status(&a, "back@example.com")
+            .await
+            .starts_with("skypostal-proxy; hit")
+    })
+    .await;
+    assert!(dropped, "A hears purges again");
 }
 
 /// The README's ACL line is enough: a pair running as that user caches, shares, purges and
@@ -740,8 +772,49 @@ async fn the_documented_acl_is_enough() {
             !metrics.contains("shared_tier_errors_total{"),
             "Redis refused a command: {metrics}"
         );
+        // A log that could not be read would make the instance distrust its memory instead.
+        assert!(!metrics.contains("catch_ups_total{"), "{metrics}");
         assert!(
             metrics.contains("skypostal_proxy_shared_quota_decisions_total{outcome=\"granted\"}")
         );
     }
+}
+
+/// A replica cut off from Redis while another purges, then Redis restarts (losing the purge
+/// log): the replica cannot know what it missed, so it serves nothing from memory as fresh.
+#[tokio::test]
+async fn a_replica_cut_off_while_redis_lost_its_purge_log_trusts_nothing() {
+    let mut redis = RedisServer::start().await;
+    let proxy = StallingProxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    let (sim, partner) = start_partner().await;
+    let keys = key_file();
+    let url = format!("redis://{}", proxy.addr);
+    let a = spawn_instance(&sim, partner, &url, &keys, |_| {}).await;
+    let b = spawn_instance(&sim, partner, &redis.url(), &keys, |_| {}).await;
+    for app in [&a, &b] {
+        wait_for_tier(app, "up", true).await;
+    }
+    assert_eq!(ok_status(&a, "cut-off@example.com").await, STORED);
+    assert!(ok_status(&a, "cut-off@example.com")
+        .await
+        .starts_with("skypostal-proxy; hit"));
+
+    proxy.stall_all();
+    // Its heartbeat and its channel's ping both notice: down, and unsubscribed.
+    wait_for_tier(&a, "down", false).await;
+    assert_eq!(
+        b.purge("cut-off@example.com", ADMIN_KEY).await.status(),
+        204
+    );
+    redis.stop().await;
+    redis.restart().await;
+    proxy.resume();
+    wait_for_tier(&a, "up", true).await;
+
+    assert_eq!(
+        ok_status(&a, "cut-off@example.com").await,
+        STORED,
+        "the purged answer is not served from memory"
+    );
+    assert_eq!(sim.calls(), 2);
 }

@@ -7,11 +7,19 @@ use std::net::{Ipv4Addr, SocketAddr};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// Forwards every connection to `target` until [`StallingProxy::stall_existing`].
+/// What the proxy does with connections.
+#[derive(Clone, Copy)]
+struct State {
+    /// Bumped by each stall; a connection accepted before the bump goes silent.
+    generation: u64,
+    /// New connections are silent from the start too.
+    all: bool,
+}
+
+/// Forwards every connection to `target` until told to stall.
 pub struct StallingProxy {
     pub addr: SocketAddr,
-    /// Bumped by each stall; a connection accepted before the bump goes silent.
-    generation: watch::Sender<u64>,
+    state: watch::Sender<State>,
 }
 
 impl StallingProxy {
@@ -20,18 +28,31 @@ impl StallingProxy {
             .await
             .expect("proxy binds");
         let addr = listener.local_addr().expect("proxy address");
-        let (generation, watcher) = watch::channel(0u64);
+        let (state, watcher) = watch::channel(State {
+            generation: 0,
+            all: false,
+        });
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let mut watcher = watcher.clone();
                 let born = *watcher.borrow();
                 tokio::spawn(async move {
+                    if born.all {
+                        // Accepted, then never answered (the task holds the socket).
+                        std::future::pending::<()>().await;
+                        return;
+                    }
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
                     };
+                    let stalled = async {
+                        let _ = watcher
+                            .wait_for(|now| now.generation > born.generation)
+                            .await;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = async { watcher.wait_for(|now| *now > born).await.is_ok() } => {
+                        () = stalled => {
                             // Silent from now on, yet open: both ends stay held.
                             std::future::pending::<()>().await;
                         }
@@ -39,12 +60,25 @@ impl StallingProxy {
                 });
             }
         });
-        Self { addr, generation }
+        Self { addr, state }
     }
 
     /// Every connection open now stops carrying bytes either way, without being closed; new
     /// connections are carried as before.
     pub fn stall_existing(&self) {
-        self.generation.send_modify(|g| *g += 1);
+        self.state.send_modify(|s| s.generation += 1);
+    }
+
+    /// Every connection, open now or made until [`Self::resume`], is silent.
+    pub fn stall_all(&self) {
+        self.state.send_modify(|s| {
+            s.generation += 1;
+            s.all = true;
+        });
+    }
+
+    /// New connections are carried again (those stalled stay silent).
+    pub fn resume(&self) {
+        self.state.send_modify(|s| s.all = false);
     }
 }
