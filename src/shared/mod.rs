@@ -208,11 +208,17 @@ impl SharedTier {
         Ok(tier)
     }
 
-    /// Connects (bounded by one `redis.connect_timeout_ms` plus one command timeout), then
-    /// starts the recovery task and the purge subscriber, which calls `on_purge` for every
-    /// purge another replica makes. Redis being unreachable here is logged, not fatal: the
-    /// tier starts down and recovers.
+    /// Connects and subscribes (bounded by two `redis.connect_timeout_ms` plus five command
+    /// timeouts when Redis does not answer at all), then starts the recovery task beside the
+    /// purge subscriber, which calls `on_purge` for every purge another replica makes. Redis
+    /// being unreachable here is logged, not fatal: the tier starts down and recovers.
     pub async fn start(&self, on_purge: impl Fn(Purged<'_>) + Send + Sync + 'static) {
+        let weak = Arc::downgrade(&self.inner);
+        // The first subscription is made before anything is cached, so it has nothing to
+        // catch up on; start-up waits for it (bounded by the attempt's own timeouts), while
+        // the pool is pinged.
+        let (first, first_done) = tokio::sync::oneshot::channel();
+        tokio::spawn(subscribe(weak.clone(), on_purge, first));
         let pool = self.inner.current_pool();
         let up = self.inner.ping_pool(&pool).await;
         self.inner.up.store(up, Ordering::SeqCst);
@@ -225,12 +231,7 @@ impl SharedTier {
                 "shared tier unreachable at start-up: serving from local state until Redis answers"
             );
         }
-        let weak = Arc::downgrade(&self.inner);
-        tokio::spawn(recover(weak.clone()));
-        // The first subscription is made before anything is cached, so it has nothing to
-        // catch up on; start-up waits for it (bounded by the attempt's own timeouts).
-        let (first, first_done) = tokio::sync::oneshot::channel();
-        tokio::spawn(subscribe(weak, on_purge, first));
+        tokio::spawn(recover(weak));
         let _ = first_done.await;
     }
 
