@@ -12,7 +12,7 @@
 //!   under the newest shared secret, so a purge announced by its index finds it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -56,31 +56,33 @@ pub enum CachedAnswer {
 pub struct Entry(Bytes);
 
 const HEADER: usize = 16;
-/// Offset of the trust epoch in the header.
+/// Offset of the trust epoch in the header: its low 24 bits, the last three bytes.
 const EPOCH: usize = 13;
+const EPOCH_BITS: u32 = 0xFF_FFFF;
 const FOUND: u8 = 1;
 
 impl Entry {
     /// An entry read back from the shared tier, cached under `epoch`; `None` if the bytes are
     /// not an entry.
-    fn from_shared(mut bytes: Vec<u8>, epoch: u16) -> Option<Self> {
+    fn from_shared(mut bytes: Vec<u8>, epoch: u32) -> Option<Self> {
         if bytes.len() < HEADER || !matches!(bytes[12], 0 | FOUND) {
             return None;
         }
-        bytes[EPOCH..EPOCH + 2].copy_from_slice(&epoch.to_le_bytes());
+        bytes[EPOCH..HEADER].copy_from_slice(&epoch_bytes(epoch));
         Some(Self(Bytes::from(bytes)))
     }
 
     /// The trust epoch the entry was cached under (see [`Inner::epoch`]).
-    fn epoch(&self) -> u16 {
-        u16::from_le_bytes(self.word(EPOCH))
+    fn epoch(&self) -> u32 {
+        let [a, b, c] = self.word(EPOCH);
+        u32::from_le_bytes([a, b, c, 0])
     }
 
     fn fresh_for(&self) -> Duration {
         Duration::from_secs(u32::from_le_bytes(self.word(8)).into())
     }
 
-    fn new(stored_at_ms: u64, fresh_for: Duration, body: Option<&[u8]>, epoch: u16) -> Self {
+    fn new(stored_at_ms: u64, fresh_for: Duration, body: Option<&[u8]>, epoch: u32) -> Self {
         let found = body.is_some();
         let body = body.unwrap_or_default();
         let mut bytes = Vec::with_capacity(HEADER + body.len());
@@ -88,8 +90,7 @@ impl Entry {
         let fresh_s = u32::try_from(fresh_for.as_secs()).unwrap_or(u32::MAX);
         bytes.extend_from_slice(&fresh_s.to_le_bytes());
         bytes.push(if found { FOUND } else { 0 });
-        bytes.extend_from_slice(&epoch.to_le_bytes());
-        bytes.push(0);
+        bytes.extend_from_slice(&epoch_bytes(epoch));
         bytes.extend_from_slice(body);
         Self(Bytes::from(bytes))
     }
@@ -249,7 +250,7 @@ struct Inner {
     generations: Generations,
     /// Entries cached under an earlier epoch are not served as fresh (nor while revalidating):
     /// purges may have been missed that cannot be named. They remain a stale-if-error fallback.
-    epoch: AtomicU16,
+    epoch: AtomicU32,
 }
 
 impl Inner {
@@ -389,7 +390,7 @@ impl CredentialsCache {
                 stale_while_revalidate: secs(settings.stale_while_revalidate_s),
                 hit_headers,
                 generations: Generations::new(),
-                epoch: AtomicU16::new(0),
+                epoch: AtomicU32::new(0),
             }),
         }
     }
@@ -551,7 +552,7 @@ impl CredentialsCache {
 
     /// Whether an entry was cached under the current trust epoch.
     fn trusted(&self, entry: &Entry) -> bool {
-        entry.epoch() == self.inner.epoch.load(Ordering::SeqCst)
+        entry.epoch() == self.inner.epoch.load(Ordering::SeqCst) & EPOCH_BITS
     }
 
     fn invalidate_key(&self, key: CacheKey) {
@@ -718,6 +719,12 @@ impl CredentialsCache {
     }
 }
 
+/// The low 24 bits of an epoch, as the entry header holds them.
+fn epoch_bytes(epoch: u32) -> [u8; 3] {
+    let [a, b, c, _] = (epoch & EPOCH_BITS).to_le_bytes();
+    [a, b, c]
+}
+
 async fn wait(mut rx: watch::Receiver<Option<Fetched>>) -> Fetched {
     match rx.wait_for(Option::is_some).await {
         Ok(value) => value.clone().unwrap_or_else(|| Err(lookup_lost())),
@@ -742,6 +749,10 @@ mod tests {
     fn an_entry_keeps_its_answer_and_freshness_in_one_buffer() {
         let found = Entry::new(1_000, Duration::from_secs(300), Some(b"{\"a\":1}"), 7);
         assert_eq!(found.epoch(), 7);
+        // Epochs are compared on their low 24 bits.
+        let late = Entry::new(0, Duration::from_secs(1), None, 0x0123_4567);
+        assert_eq!(late.epoch(), 0x23_4567);
+        assert!(matches!(late.answer(), CachedAnswer::NotFound));
         let CachedAnswer::Found(body) = found.answer() else {
             panic!("found")
         };

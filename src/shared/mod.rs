@@ -71,7 +71,6 @@ struct Inner {
     prefix: String,
     channel: String,
     log_key: String,
-    log_id_key: String,
     quota_key: String,
     quota_script: redis::Script,
     purge_script: redis::Script,
@@ -94,6 +93,10 @@ struct Inner {
     /// Redis's clock minus this host's, in microseconds, once measured.
     clock_offset_us: AtomicI64,
     clock_synced: AtomicBool,
+    missed_heartbeats: AtomicUsize,
+    /// Purges go to Redis: while up, and already while recovering (so that purges made during
+    /// the replay of those pending do not keep the tier down).
+    purges_open: AtomicBool,
     /// Purges Redis could not be told of: replayed before the tier counts as up again, so an
     /// entry purged during an outage is not served from Redis afterwards.
     pending_purges: Mutex<Vec<EntryNames>>,
@@ -179,7 +182,6 @@ impl SharedTier {
                 sealer: Sealer::new(&settings.encryption_keys),
                 channel: format!("{prefix}purge"),
                 log_key: format!("{prefix}purge-log"),
-                log_id_key: format!("{prefix}purge-log-id"),
                 // The rate is part of the key: replicas that disagree on it during a rollout
                 // keep separate budgets instead of misreading each other's.
                 quota_key: format!("{prefix}quota:{interval_us}:{tolerance_us}"),
@@ -201,6 +203,8 @@ impl SharedTier {
                 subscribed: AtomicBool::new(false),
                 clock_offset_us: AtomicI64::new(0),
                 clock_synced: AtomicBool::new(false),
+                missed_heartbeats: AtomicUsize::new(0),
+                purges_open: AtomicBool::new(false),
                 pending_purges: Mutex::new(Vec::new()),
                 metrics,
             }),
@@ -221,6 +225,7 @@ impl SharedTier {
         tokio::spawn(subscribe(weak.clone(), on_purge, first));
         let pool = self.inner.current_pool();
         let up = self.inner.ping_pool(&pool).await;
+        self.inner.purges_open.store(up, Ordering::SeqCst);
         self.inner.up.store(up, Ordering::SeqCst);
         self.inner.metrics.set_up(up);
         if up {
@@ -389,7 +394,7 @@ impl SharedTier {
     pub async fn purge(&self, names: &EntryNames) -> bool {
         let inner = &*self.inner;
         let told = inner
-            .run("purge", |mut conn| async move {
+            .run_if(&inner.purges_open, "purge", |mut conn| async move {
                 inner
                     .purge_invocation(names)
                     .invoke_async::<String>(&mut conn)
@@ -457,8 +462,22 @@ impl Inner {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>> + 'a,
     {
+        self.run_if(&self.up, operation, command).await
+    }
+
+    /// [`Self::run`], gated by `open` instead of the tier being up.
+    async fn run_if<'a, T, F, Fut>(
+        &'a self,
+        open: &AtomicBool,
+        operation: &'static str,
+        command: F,
+    ) -> Result<T, NotRun>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>> + 'a,
+    {
         let inner = self;
-        if !self.up.load(Ordering::SeqCst) {
+        if !open.load(Ordering::SeqCst) {
             return Err(NotRun::Down);
         }
         let Some(conn) = inner.conn() else {
@@ -501,6 +520,7 @@ impl Inner {
 
     fn mark_down(&self, operation: &'static str, error: &str) {
         self.metrics.error(operation);
+        self.purges_open.store(false, Ordering::SeqCst);
         if self.up.swap(false, Ordering::SeqCst) {
             self.metrics.transition(false);
             tracing::warn!(
@@ -623,23 +643,36 @@ impl Inner {
     }
 
     /// Reads Redis's clock (`TIME`) to learn its offset from this host's, which bounds stores
-    /// on Redis's own clock. On an up tier, also notices a Redis that went away while idle.
-    async fn sync_clock(&self) {
+    /// on Redis's own clock. `false` if Redis did not answer within a connect and a command
+    /// timeout (a heartbeat is not a request: it can afford to wait).
+    async fn sync_clock(&self) -> bool {
+        let Some(mut conn) = self.conn() else {
+            return false;
+        };
         let before = unix_us();
-        let answer = self
-            .run("heartbeat", |mut conn| async move {
-                redis::cmd("TIME")
-                    .query_async::<(u64, u64)>(&mut conn)
-                    .await
-            })
-            .await;
-        if let Ok((secs, micros)) = answer {
-            let after = unix_us();
-            let redis_us = secs.saturating_mul(1_000_000).saturating_add(micros);
-            let local_us = before / 2 + after / 2;
-            let offset = i64::try_from(i128::from(redis_us) - i128::from(local_us)).unwrap_or(0);
-            self.clock_offset_us.store(offset, Ordering::SeqCst);
-            self.clock_synced.store(true, Ordering::SeqCst);
+        let time = redis::cmd("TIME");
+        let bound = self.connect_timeout + self.command_timeout;
+        let answer = timeout(bound, time.query_async::<(u64, u64)>(&mut conn)).await;
+        let Ok(Ok((secs, micros))) = answer else {
+            return false;
+        };
+        let after = unix_us();
+        let redis_us = secs.saturating_mul(1_000_000).saturating_add(micros);
+        let local_us = before / 2 + after / 2;
+        let offset = i64::try_from(i128::from(redis_us) - i128::from(local_us)).unwrap_or(0);
+        self.clock_offset_us.store(offset, Ordering::SeqCst);
+        self.clock_synced.store(true, Ordering::SeqCst);
+        true
+    }
+
+    /// The up tier's heartbeat: notices a Redis lost while this replica is idle. Two misses in
+    /// a row mark the tier down, so one slow answer from a busy Redis does not.
+    async fn heartbeat(&self) {
+        if self.sync_clock().await {
+            self.missed_heartbeats.store(0, Ordering::SeqCst);
+        } else if self.missed_heartbeats.fetch_add(1, Ordering::SeqCst) + 1 >= 2 {
+            self.missed_heartbeats.store(0, Ordering::SeqCst);
+            self.mark_down("heartbeat", "two heartbeats unanswered");
         }
     }
 
@@ -658,16 +691,15 @@ impl Inner {
         join_all(pings).await.into_iter().all(|answered| answered)
     }
 
-    /// Reads the purge log from `from` (inclusive), or whole.
+    /// Reads the purge log from `from`, inclusive.
     async fn read_log(
         &self,
         conn: &mut redis::aio::MultiplexedConnection,
-        from: Option<LogId>,
+        from: LogId,
     ) -> RedisResult<Vec<(LogId, Vec<u8>)>> {
-        let start = from.map_or_else(|| "-".to_owned(), |id| id.to_string());
         let raw: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
             .arg(&self.log_key)
-            .arg(start)
+            .arg(from.to_string())
             .arg("+")
             .arg("COUNT")
             .arg(purge::LOG_LEN)
@@ -683,71 +715,83 @@ impl Inner {
     }
 
     /// Makes up for the purges announced while this replica was not listening, and returns
-    /// where it now stands in the purge log. `initial`: the first subscription, made at
-    /// start-up before anything was cached.
+    /// the newest purge log entry it has now seen. `last`: the newest it had seen before
+    /// (`None` on the first subscription, or after one whose log could not be read).
+    /// `initial`: the first subscription, made at start-up before anything was cached.
     async fn catch_up(
         &self,
-        seen: Option<&LogPosition>,
+        last: Option<LogId>,
         initial: bool,
         on_purge: &impl Fn(Purged<'_>),
-    ) -> RedisResult<LogPosition> {
+    ) -> RedisResult<LogId> {
         // A connection of its own: the pool may still hold connections from before the outage
         // that made this resubscription necessary.
         let mut conn = self.client.get_multiplexed_async_connection().await?;
-        // The log's identity: set by the first replica to subscribe, new only if Redis lost it.
-        let candidate = format!("{:016x}", rand::random::<u64>());
-        let (log,): (String,) = redis::pipe()
-            .cmd("SET")
-            .arg(&self.log_id_key)
-            .arg(&candidate)
-            .arg("NX")
-            .ignore()
-            .cmd("GET")
-            .arg(&self.log_id_key)
-            .query_async(&mut conn)
-            .await?;
-        let Some(seen) = seen.filter(|seen| seen.log == log) else {
-            // Nothing tells what was missed: a log Redis lost (a restart, an eviction), or a
-            // first subscription made after entries were cached.
-            let head: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XREVRANGE")
-                .arg(&self.log_key)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut conn)
-                .await?;
-            let last = head.first().and_then(|(id, _)| LogId::parse(id.as_bytes()));
-            if seen.is_some() || !initial {
-                self.distrust_all(on_purge, "the purge log is not the one last seen");
-            }
-            return Ok(LogPosition { log, last });
-        };
-        let entries = self.read_log(&mut conn, seen.last).await?;
-        match purge::plan(seen.last, &ids(&entries)) {
-            Plan::Apply(from) => {
-                let missed = entries.get(from..).unwrap_or_default();
-                for (_, digests) in missed {
-                    apply(digests, on_purge);
-                }
-                if !missed.is_empty() {
-                    self.metrics.catch_up("replayed");
-                    tracing::info!(
-                        purges = missed.len(),
-                        "purges announced while the channel was down applied from the log"
-                    );
+        match last {
+            Some(last) => {
+                let entries = self.read_log(&mut conn, last).await?;
+                match purge::plan(last, &ids(&entries)) {
+                    Plan::Apply(from) => {
+                        let missed = entries.get(from..).unwrap_or_default();
+                        for (_, digests) in missed {
+                            apply(digests, on_purge);
+                        }
+                        if !missed.is_empty() {
+                            self.metrics.catch_up("replayed");
+                            tracing::info!(
+                                purges = missed.len(),
+                                "purges announced while the channel was down applied from the log"
+                            );
+                        }
+                        return Ok(entries.last().map_or(last, |(id, _)| *id));
+                    }
+                    // Trimmed past it, or not the log it was read from (Redis restarted, or
+                    // evicted it).
+                    Plan::Distrust => self.distrust_all(
+                        on_purge,
+                        "the purge log no longer holds the last purge seen",
+                    ),
                 }
             }
-            Plan::Distrust => {
-                self.distrust_all(
-                    on_purge,
-                    "the purge log no longer reaches back to the last purge seen",
-                );
+            None if !initial => {
+                self.distrust_all(on_purge, "no position in the purge log to catch up from");
             }
+            None => {}
         }
-        Ok(LogPosition {
-            log,
-            last: entries.last().map(|(id, _)| *id).max(seen.last),
+        self.log_head(&mut conn).await
+    }
+
+    /// The newest entry of the purge log. An empty log gets an empty entry first, so that a
+    /// replica always holds a position a later log (after a restart) cannot contain.
+    async fn log_head(&self, conn: &mut redis::aio::MultiplexedConnection) -> RedisResult<LogId> {
+        let head: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XREVRANGE")
+            .arg(&self.log_key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut *conn)
+            .await?;
+        let id = match head.into_iter().next() {
+            Some((id, _)) => id,
+            None => {
+                redis::cmd("XADD")
+                    .arg(&self.log_key)
+                    .arg("MAXLEN")
+                    .arg(purge::LOG_LEN)
+                    .arg("*")
+                    .arg("d")
+                    .arg("")
+                    .query_async::<String>(&mut *conn)
+                    .await?
+            }
+        };
+        LogId::parse(id.as_bytes()).ok_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "purge log id",
+                "not an entry id".to_owned(),
+            ))
         })
     }
 
@@ -762,15 +806,6 @@ impl Inner {
              refill from Redis or the partner, and remain a fallback if the partner fails)"
         );
     }
-}
-
-/// Where a replica stands in the purge log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct LogPosition {
-    /// The log's identity (`{key_prefix}purge-log-id`).
-    log: String,
-    /// The newest entry applied; `None` while the log was empty.
-    last: Option<LogId>,
 }
 
 /// TCP options of every connection: no Nagle delay on small commands, and a peer that stops
@@ -832,10 +867,10 @@ fn apply(digests: &[u8], on_purge: &impl Fn(Purged<'_>)) {
     }
 }
 
-/// Every `recovery_interval`: on an up tier, reads Redis's clock (which also notices a Redis
-/// lost while idle) and replays purges a refused or racing command left pending; on a down
-/// tier, opens fresh connections and, once every one answers and the pending purges are
-/// replayed, swaps them in and marks the tier up.
+/// Every `recovery_interval`: on an up tier, beats (which also notices a Redis lost while idle)
+/// and replays purges a refused or racing command left pending; on a down tier, opens fresh
+/// connections and, once every one answers, swaps them in, replays the pending purges (new ones
+/// already go to Redis) and marks the tier up.
 async fn recover(weak: Weak<Inner>) {
     loop {
         let Some(interval) = weak.upgrade().map(|inner| inner.recovery_interval) else {
@@ -846,7 +881,7 @@ async fn recover(weak: Weak<Inner>) {
             return;
         };
         if inner.up.load(Ordering::SeqCst) {
-            inner.sync_clock().await;
+            inner.heartbeat().await;
             if inner.up.load(Ordering::SeqCst) {
                 inner.replay_purges().await;
             }
@@ -859,8 +894,13 @@ async fn recover(weak: Weak<Inner>) {
             continue;
         }
         *inner.pool.write().unwrap_or_else(PoisonError::into_inner) = pool;
-        if inner.replay_purges().await {
-            inner.mark_up_if_replayed();
+        inner.sync_clock().await;
+        inner.purges_open.store(true, Ordering::SeqCst);
+        // Purges that had already found the gate shut may still be joining the queue.
+        for _ in 0..3 {
+            if !inner.replay_purges().await || inner.mark_up_if_replayed() {
+                break;
+            }
         }
     }
 }
@@ -875,7 +915,10 @@ async fn subscribe(
 ) {
     let mut first = Some(first);
     let mut was_subscribed = false;
-    let mut position: Option<LogPosition> = None;
+    // The newest purge log entry seen here.
+    let mut last: Option<LogId> = None;
+    // Memory was distrusted since the last catch-up: once per run of failures is enough.
+    let mut distrusted = false;
     loop {
         let Some(inner) = weak.upgrade() else {
             return;
@@ -898,7 +941,7 @@ async fn subscribe(
         };
         let initial = first.is_some();
         let subscribed = timeout(connect_timeout + command_timeout, subscribed).await;
-        let caught = match subscribed {
+        let pubsub = match subscribed {
             Ok(Ok(pubsub)) => {
                 // After subscribing, so nothing falls between the log and the channel (what is
                 // in both is applied twice, which is harmless). Announcements wait meanwhile.
@@ -906,30 +949,31 @@ async fn subscribe(
                     return;
                 };
                 let budget = connect_timeout + command_timeout * 4;
-                let caught = timeout(
-                    budget,
-                    inner.catch_up(position.as_ref(), initial, &on_purge),
-                )
-                .await;
-                match caught {
-                    Ok(Ok(now)) => Some((pubsub, now)),
+                match timeout(budget, inner.catch_up(last, initial, &on_purge)).await {
+                    Ok(Ok(newest)) => {
+                        last = Some(newest);
+                        distrusted = false;
+                    }
                     _ => {
-                        if position.is_some() || !initial {
+                        // Listen anyway: what is announced from now on is heard, and what came
+                        // before is no longer trusted.
+                        if (last.is_some() || !initial) && !distrusted {
                             inner.distrust_all(&on_purge, "the purge log could not be read");
+                            distrusted = true;
                         }
-                        None
+                        last = None;
                     }
                 }
+                Some(pubsub)
             }
             _ => None,
         };
         if let Some(first) = first.take() {
             let _ = first.send(());
         }
-        // Without the log read, stay unsubscribed: a retry is due in a moment.
-        if let Some((pubsub, now)) = caught {
-            position = Some(now);
-            // Subscribed means caught up and listening.
+        if let Some(pubsub) = pubsub {
+            // Subscribed means caught up (or distrusting what it could not catch up on) and
+            // listening.
             set_subscribed(&weak, &metrics, true);
             if was_subscribed {
                 tracing::info!("purge channel subscribed again");
@@ -947,9 +991,7 @@ async fn subscribe(
                             continue;
                         };
                         apply(announced.digests, &on_purge);
-                        if let Some(position) = &mut position {
-                            position.last = position.last.max(Some(announced.id));
-                        }
+                        last = last.max(Some(announced.id));
                         if announced.sender != instance.as_bytes() {
                             metrics.purge_received();
                         }

@@ -8,14 +8,14 @@
 //!   the old answer back: entries are stored by [`STORE_LUA`], which writes nothing while a
 //!   tombstone exists.
 //! - The log lets a replica whose subscription was down catch up: on every resubscription it
-//!   reads the log from the last id it saw. If the log no longer reaches back that far, or is
-//!   not the log it saw (`{key_prefix}purge-log-id` changed: Redis restarted or evicted it),
-//!   the replica stops trusting what it holds in memory instead (see [`plan`]).
+//!   reads the log from the last id it saw. If the log no longer holds that id (trimmed past
+//!   it, or a new log after Redis restarted or evicted it), the replica stops trusting what it
+//!   holds in memory instead (see [`plan`]). An empty log gets an empty entry, so that every
+//!   replica has an id to look for.
 
 use std::fmt;
 
-/// Entries kept in the purge log. Trimming is exact, so a log shorter than this was never
-/// trimmed and holds every purge since it was created.
+/// Entries kept in the purge log.
 pub(super) const LOG_LEN: usize = 10_000;
 
 /// KEYS[1]: the purge log; then the entry's keys; then as many tombstone keys.
@@ -96,20 +96,15 @@ impl<'a> Announcement<'a> {
 pub(super) enum Plan {
     /// Apply the entries from this index on: they are the purges it may have missed.
     Apply(usize),
-    /// Purges may have been trimmed from the log unseen: trust nothing held in memory.
+    /// The log no longer holds the last purge seen (trimmed past it, or a new log after a
+    /// restart): purges may have been missed unseen, so trust nothing held in memory.
     Distrust,
 }
 
-/// Decides from the log (of the identity last seen) read from `last` on, inclusive, or whole
-/// when `last` is `None` (the log was empty then).
-pub(super) fn plan(last: Option<LogId>, ids: &[LogId]) -> Plan {
-    match last {
-        Some(last) => match ids.iter().position(|id| *id == last) {
-            Some(at) => Plan::Apply(at + 1),
-            None => Plan::Distrust,
-        },
-        // Everything in it came after: all of it, unless it is full and lost some.
-        None if ids.len() < LOG_LEN => Plan::Apply(0),
+/// Decides from the log read from `last` (the newest entry seen), inclusive.
+pub(super) fn plan(last: LogId, ids: &[LogId]) -> Plan {
+    match ids.iter().position(|id| *id == last) {
+        Some(at) => Plan::Apply(at + 1),
         None => Plan::Distrust,
     }
 }
@@ -152,27 +147,20 @@ mod tests {
     }
 
     #[test]
-    fn a_log_that_reaches_the_last_purge_seen_is_applied_after_it() {
+    fn a_log_that_holds_the_last_purge_seen_is_applied_after_it() {
         let ids = [LogId(1, 0), LogId(2, 0), LogId(3, 0)];
-        assert_eq!(plan(Some(LogId(1, 0)), &ids), Plan::Apply(1));
-        assert_eq!(plan(Some(LogId(3, 0)), &ids), Plan::Apply(3));
-        // Read from the last purge seen, inclusive: it is first.
-        assert_eq!(plan(Some(LogId(2, 0)), &ids[1..]), Plan::Apply(1));
+        assert_eq!(plan(LogId(1, 0), &ids), Plan::Apply(1));
+        assert_eq!(plan(LogId(3, 0), &ids), Plan::Apply(3));
+        assert_eq!(plan(LogId(2, 0), &ids[1..]), Plan::Apply(1));
     }
 
     #[test]
-    fn a_log_trimmed_past_the_last_purge_seen_is_distrusted() {
-        let ids = [LogId(5, 0), LogId(6, 0)];
-        assert_eq!(plan(Some(LogId(1, 0)), &ids), Plan::Distrust);
-        assert_eq!(plan(Some(LogId(1, 0)), &[]), Plan::Distrust);
-    }
-
-    #[test]
-    fn a_log_empty_when_last_seen_is_applied_whole_unless_full() {
-        let ids = [LogId(5, 0), LogId(6, 0)];
-        assert_eq!(plan(None, &ids), Plan::Apply(0));
-        assert_eq!(plan(None, &[]), Plan::Apply(0));
-        let full: Vec<_> = (10..10 + LOG_LEN as u64).map(|ms| LogId(ms, 0)).collect();
-        assert_eq!(plan(None, &full), Plan::Distrust);
+    fn a_log_without_the_last_purge_seen_is_distrusted() {
+        // Trimmed past it, or a new log (a restart): it may have lost purges.
+        assert_eq!(
+            plan(LogId(1, 0), &[LogId(5, 0), LogId(6, 0)]),
+            Plan::Distrust
+        );
+        assert_eq!(plan(LogId(1, 0), &[]), Plan::Distrust);
     }
 }
