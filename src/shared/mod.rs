@@ -718,10 +718,12 @@ impl Inner {
     /// the newest purge log entry it has now seen. `last`: the newest it had seen before
     /// (`None` on the first subscription, or after one whose log could not be read).
     /// `initial`: the first subscription, made at start-up before anything was cached.
+    /// `distrusted`: whether memory was distrusted since the last catch-up (once is enough).
     async fn catch_up(
         &self,
         last: Option<LogId>,
         initial: bool,
+        distrusted: &mut bool,
         on_purge: &impl Fn(Purged<'_>),
     ) -> RedisResult<LogId> {
         // A connection of its own: the pool may still hold connections from before the outage
@@ -747,14 +749,19 @@ impl Inner {
                     }
                     // Trimmed past it, or not the log it was read from (Redis restarted, or
                     // evicted it).
-                    Plan::Distrust => self.distrust_all(
+                    Plan::Distrust => self.distrust(
+                        distrusted,
                         on_purge,
                         "the purge log no longer holds the last purge seen",
                     ),
                 }
             }
             None if !initial => {
-                self.distrust_all(on_purge, "no position in the purge log to catch up from");
+                self.distrust(
+                    distrusted,
+                    on_purge,
+                    "no position in the purge log to catch up from",
+                );
             }
             None => {}
         }
@@ -797,7 +804,10 @@ impl Inner {
 
     /// Purges may have been missed and cannot be named: nothing held in memory is served as
     /// fresh again.
-    fn distrust_all(&self, on_purge: &impl Fn(Purged<'_>), why: &str) {
+    fn distrust(&self, distrusted: &mut bool, on_purge: &impl Fn(Purged<'_>), why: &str) {
+        if std::mem::replace(distrusted, true) {
+            return;
+        }
         on_purge(Purged::All);
         self.metrics.catch_up("distrusted");
         tracing::warn!(
@@ -917,7 +927,7 @@ async fn subscribe(
     let mut was_subscribed = false;
     // The newest purge log entry seen here.
     let mut last: Option<LogId> = None;
-    // Memory was distrusted since the last catch-up: once per run of failures is enough.
+    // Memory was distrusted for the current gap in listening: once is enough.
     let mut distrusted = false;
     loop {
         let Some(inner) = weak.upgrade() else {
@@ -949,17 +959,15 @@ async fn subscribe(
                     return;
                 };
                 let budget = connect_timeout + command_timeout * 4;
-                match timeout(budget, inner.catch_up(last, initial, &on_purge)).await {
-                    Ok(Ok(newest)) => {
-                        last = Some(newest);
-                        distrusted = false;
-                    }
+                let caught = inner.catch_up(last, initial, &mut distrusted, &on_purge);
+                match timeout(budget, caught).await {
+                    Ok(Ok(newest)) => last = Some(newest),
                     _ => {
                         // Listen anyway: what is announced from now on is heard, and what came
                         // before is no longer trusted.
-                        if (last.is_some() || !initial) && !distrusted {
-                            inner.distrust_all(&on_purge, "the purge log could not be read");
-                            distrusted = true;
+                        if last.is_some() || !initial {
+                            let why = "the purge log could not be read";
+                            inner.distrust(&mut distrusted, &on_purge, why);
                         }
                         last = None;
                     }
@@ -973,7 +981,8 @@ async fn subscribe(
         }
         if let Some(pubsub) = pubsub {
             // Subscribed means caught up (or distrusting what it could not catch up on) and
-            // listening.
+            // listening; the next loss opens a new gap.
+            distrusted = false;
             set_subscribed(&weak, &metrics, true);
             if was_subscribed {
                 tracing::info!("purge channel subscribed again");

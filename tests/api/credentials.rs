@@ -1,9 +1,11 @@
 //! The credentials lookup: body, upstream request, cache, single flight, not found, validation.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 use skypostal_proxy::simulator::Fault;
 
-use crate::helpers::{assert_problem, header, spawn_app, APP_KEY};
+use crate::helpers::{assert_problem, eventually, header, spawn_app, ADMIN_KEY, APP_KEY};
 
 /// The documented partner record comes back normalized, exactly as SPEC section 2 shows it.
 #[tokio::test]
@@ -124,6 +126,35 @@ async fn concurrent_misses_for_one_email_call_the_partner_once() {
     }
     assert_eq!(stored, 1);
     assert_eq!(app.sim.calls(), 1);
+}
+
+/// A request made after a purge starts its own lookup rather than joining one that began before
+/// the purge (whose answer may be what the purge was for).
+#[tokio::test]
+async fn requests_after_a_purge_do_not_join_a_lookup_begun_before_it() {
+    const EMAIL: &str = "moving@example.com";
+    let app = spawn_app().await;
+    app.sim.set_fault(Some(EMAIL), Fault::Slow { ms: 500 });
+
+    let before = app.get_credentials(EMAIL);
+    let after = async {
+        let reached = eventually(Duration::from_secs(5), || async { app.sim.calls() == 1 }).await;
+        assert!(reached, "the first lookup reached the partner");
+        assert_eq!(app.purge(EMAIL, ADMIN_KEY).await.status(), 204);
+        app.get_credentials(EMAIL).await
+    };
+    let (before, after) = tokio::join!(before, after);
+
+    assert_eq!(
+        header(&before, "cache-status"),
+        "skypostal-proxy; fwd=miss; stored"
+    );
+    assert_eq!(
+        header(&after, "cache-status"),
+        "skypostal-proxy; fwd=miss; stored",
+        "a lookup of its own, not collapsed into the older one"
+    );
+    assert_eq!(app.sim.calls(), 2);
 }
 
 /// An unknown customer is a 404 problem, cached for the negative TTL.

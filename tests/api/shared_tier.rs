@@ -191,7 +191,7 @@ async fn a_purge_on_one_instance_reaches_the_other_within_a_second() {
     assert_eq!(sim.calls(), 2);
     // A hears its own announcement too, but counts only other replicas' purges.
     for (app, received) in [(&a, 0), (&b, 1)] {
-        let metrics = app.get("/metrics").await.text().await.expect("metrics");
+        let metrics = metrics_text(app).await;
         let line = format!("skypostal_proxy_shared_tier_purges_received_total {received}\n");
         assert!(metrics.contains(&line), "{line}: {metrics}");
     }
@@ -253,7 +253,7 @@ async fn the_partner_quota_holds_across_instances() {
     let mut decisions = 0;
     let mut waited = 0;
     for app in [&a, &b] {
-        let text = app.get("/metrics").await.text().await.expect("metrics");
+        let text = metrics_text(app).await;
         let decided = |outcome: &str| {
             let name =
                 format!("skypostal_proxy_shared_quota_decisions_total{{outcome=\"{outcome}\"}}");
@@ -278,6 +278,11 @@ async fn the_partner_quota_holds_across_instances() {
         "{script_calls} script calls for {decisions} quota decisions and {stores} stores"
     );
     assert!(waited > 0, "lookups waited for booked slots");
+}
+
+/// An instance's `/metrics` text.
+async fn metrics_text(app: &TestApp) -> String {
+    app.get("/metrics").await.text().await.expect("metrics")
 }
 
 /// The value of one counter line in a Prometheus exposition (0 if absent).
@@ -309,7 +314,7 @@ async fn losing_redis_fails_no_request_and_both_instances_recover() {
         wait_for_tier(app, "down", false).await;
         assert_eq!(app.purge("warm@example.com", ADMIN_KEY).await.status(), 204);
     }
-    let metrics = a.get("/metrics").await.text().await.expect("metrics");
+    let metrics = metrics_text(&a).await;
     assert!(
         metrics.contains("skypostal_proxy_shared_tier_up 0"),
         "{metrics}"
@@ -326,12 +331,12 @@ async fn losing_redis_fails_no_request_and_both_instances_recover() {
         .await
         .starts_with("skypostal-proxy-shared; hit"));
     assert_eq!(sim.calls(), calls + 1, "B answered from Redis again");
-    let metrics = b.get("/metrics").await.text().await.expect("metrics");
+    let metrics = metrics_text(&b).await;
     assert!(metrics.contains("skypostal_proxy_shared_tier_up 1"));
     assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"up\"} 1"));
     // The restarted Redis lost the purge log: what it named cannot be known any more.
     for app in [&a, &b] {
-        let metrics = app.get("/metrics").await.text().await.expect("metrics");
+        let metrics = metrics_text(app).await;
         let line = "skypostal_proxy_shared_tier_purge_catch_ups_total{outcome=\"distrusted\"} 1\n";
         assert!(metrics.contains(line), "{metrics}");
     }
@@ -564,7 +569,7 @@ async fn a_lookup_running_during_a_purge_elsewhere_does_not_write_it_back() {
         "A's answer was not written back"
     );
     // Refused by the tombstone, not merely deleted by a purge that happened to land after it.
-    let metrics = a.get("/metrics").await.text().await.expect("metrics");
+    let metrics = metrics_text(&a).await;
     let refused = "skypostal_proxy_shared_tier_stores_total{outcome=\"tombstoned\"} 1\n";
     assert!(metrics.contains(refused), "{metrics}");
     assert_eq!(
@@ -657,10 +662,33 @@ async fn a_replica_that_missed_purges_catches_up_when_it_resubscribes() {
     );
     let fallback = ok_status(&a, "fallback@example.com").await;
     assert!(fallback.contains("detail=stale-if-error"), "{fallback}");
-    let metrics = a.get("/metrics").await.text().await.expect("metrics");
-    for outcome in ["replayed", "distrusted"] {
+    sim.recover();
+
+    // The log evicted (or lost in a restart) and started again by a later purge: the purge
+    // made before is not in it, and A cannot take the new log for the old one.
+    assert!(ok_status(&a, "evicted@example.com")
+        .await
+        .contains("stored"));
+    assert!(ok_status(&a, "evicted@example.com")
+        .await
+        .starts_with("skypostal-proxy; hit"));
+    deafen().await;
+    assert_eq!(
+        b.purge("evicted@example.com", ADMIN_KEY).await.status(),
+        204
+    );
+    redis.command(&["DEL", &format!("{PREFIX}purge-log")]).await;
+    assert_eq!(b.purge("other@example.com", ADMIN_KEY).await.status(), 204);
+    hear_again().await;
+    assert_eq!(
+        ok_status(&a, "evicted@example.com").await,
+        STORED,
+        "the purged answer is not served from memory"
+    );
+    let metrics = metrics_text(&a).await;
+    for (outcome, count) in [("replayed", 1), ("distrusted", 2)] {
         let line = format!(
-            "skypostal_proxy_shared_tier_purge_catch_ups_total{{outcome=\"{outcome}\"}} 1\n"
+            "skypostal_proxy_shared_tier_purge_catch_ups_total{{outcome=\"{outcome}\"}} {count}\n"
         );
         assert!(metrics.contains(&line), "{line}: {metrics}");
     }
@@ -713,7 +741,7 @@ async fn connections_that_go_silent_are_replaced() {
             .starts_with("skypostal-proxy-shared; hit"),
         "A writes to Redis again"
     );
-    let metrics = a.get("/metrics").await.text().await.expect("metrics");
+    let metrics = metrics_text(&a).await;
     assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"down\"} 1"));
     assert!(metrics.contains("skypostal_proxy_shared_tier_transitions_total{state=\"up\"} 1"));
     // The purge channel was replaced too: a purge on B reaches A's memory.
@@ -767,7 +795,7 @@ async fn the_documented_acl_is_enough() {
     .await;
     assert!(dropped, "the purge reached B");
     for app in [&a, &b] {
-        let metrics = app.get("/metrics").await.text().await.expect("metrics");
+        let metrics = metrics_text(app).await;
         assert!(
             !metrics.contains("shared_tier_errors_total{"),
             "Redis refused a command: {metrics}"
@@ -817,4 +845,126 @@ async fn a_replica_cut_off_while_redis_lost_its_purge_log_trusts_nothing() {
         "the purged answer is not served from memory"
     );
     assert_eq!(sim.calls(), 2);
+}
+
+/// A replica that cannot read the purge log (here: no permission) still listens for purges,
+/// and distrusts its memory once per gap in listening, not on every attempt.
+#[tokio::test]
+async fn a_replica_that_cannot_read_the_log_listens_and_distrusts_once() {
+    let redis = RedisServer::start().await;
+    redis
+        .command(&[
+            "ACL",
+            "SETUSER",
+            "blind",
+            "on",
+            ">blind-pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-xrange",
+            "-xrevrange",
+        ])
+        .await;
+    let (sim, partner) = start_partner().await;
+    let keys = key_file();
+    let a = spawn_instance(
+        &sim,
+        partner,
+        &redis.url_as("blind", "blind-pw"),
+        &keys,
+        |_| {},
+    )
+    .await;
+    let b = spawn_instance(&sim, partner, &redis.url(), &keys, |_| {}).await;
+    for app in [&a, &b] {
+        wait_for_tier(app, "up", true).await;
+    }
+    // Nothing was cached before the first subscription: nothing to distrust.
+    assert!(!metrics_text(&a).await.contains("catch_ups_total{"));
+
+    assert_eq!(ok_status(&a, "blind@example.com").await, STORED);
+    redis
+        .command(&["CLIENT", "KILL", "USER", "blind", "TYPE", "pubsub"])
+        .await;
+    let distrusted =
+        "skypostal_proxy_shared_tier_purge_catch_ups_total{outcome=\"distrusted\"} 1\n";
+    let once = eventually(Duration::from_secs(10), || async {
+        metrics_text(&a).await.contains(distrusted)
+    })
+    .await;
+    assert!(once, "{}", metrics_text(&a).await);
+    wait_for_tier(&a, "up", true).await;
+    assert!(
+        ok_status(&a, "blind@example.com")
+            .await
+            .starts_with("skypostal-proxy-shared; hit"),
+        "memory is not trusted after the gap"
+    );
+    // Listening again: B's purge reaches A's memory.
+    assert!(ok_status(&a, "blind@example.com")
+        .await
+        .starts_with("skypostal-proxy; hit"));
+    assert_eq!(b.purge("blind@example.com", ADMIN_KEY).await.status(), 204);
+    let dropped = eventually(Duration::from_secs(5), || async {
+        ok_status(&a, "blind@example.com").await == STORED
+    })
+    .await;
+    assert!(dropped, "A hears purges though it cannot read the log");
+    assert!(metrics_text(&a).await.contains(distrusted), "still once");
+}
+
+/// A write that reaches Redis after the lookup's store window (here Redis is busy for longer,
+/// as a stalled host or a long script would make it) does not land: a purge tombstone could
+/// have expired meanwhile.
+#[tokio::test]
+async fn a_store_that_arrives_past_its_window_does_not_land() {
+    let redis = RedisServer::start().await;
+    let (sim, partner) = start_partner().await;
+    // Store window: deadline + 2 command timeouts = 1.6 s.
+    let a = spawn_instance(&sim, partner, &redis.url(), &key_file(), |s| {
+        s.upstream.deadline = Duration::from_millis(1_000);
+        if let Some(redis) = s.redis.as_mut() {
+            redis.command_timeout = Duration::from_millis(300);
+        }
+    })
+    .await;
+    wait_for_tier(&a, "up", true).await;
+    // Loads the store script and measures Redis's clock.
+    assert_eq!(ok_status(&a, "warm@example.com").await, STORED);
+
+    // Once the lookup is at the partner, Redis stops serving anyone for 2.5 s.
+    sim.set_fault(Some("held@example.com"), Fault::Slow { ms: 300 });
+    let patient = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection_with_config(&patient)
+        .await
+        .expect("redis connects");
+    let busy = async {
+        let called = eventually(Duration::from_secs(5), || async { sim.calls() == 2 }).await;
+        assert!(called, "the lookup reached the partner");
+        let script = "local function now() local t = redis.call('TIME') \
+                      return t[1] * 1000000 + t[2] end \
+                      local stop = now() + 2500000 while now() < stop do end return 1";
+        let _: i64 = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .query_async(&mut conn)
+            .await
+            .expect("busy script");
+    };
+    let (status, ()) = tokio::join!(ok_status(&a, "held@example.com"), busy);
+    assert_eq!(status, STORED);
+    // The held store was waiting in Redis's input; it has run once a round trip is answered.
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("ping");
+
+    assert_eq!(
+        entry_keys(&redis).await.len(),
+        1,
+        "only the warm-up entry: the late store was refused on Redis's clock"
+    );
 }
