@@ -109,6 +109,10 @@ const MAX_PENDING_PURGES: usize = 10_000;
 /// The least time a booked quota slot leaves the partner call before the lookup's deadline.
 const MIN_CALL_TIME: Duration = Duration::from_millis(100);
 
+/// Catch-ups tried, one per recovery interval, before a replica that cannot read the purge log
+/// listens anyway and distrusts its memory (at once for a refusal that will not pass).
+const CATCH_UP_ATTEMPTS: u32 = 10;
+
 /// Purges replayed per round trip after an outage.
 const REPLAY_BATCH: usize = 100;
 
@@ -393,23 +397,26 @@ impl SharedTier {
     /// stayed local, and is replayed when Redis is back.
     pub async fn purge(&self, names: &EntryNames) -> bool {
         let inner = &*self.inner;
-        let told = inner
-            .run_if(&inner.purges_open, "purge", |mut conn| async move {
+        let send = || {
+            inner.run_if(&inner.purges_open, "purge", |mut conn| async move {
                 inner
                     .purge_invocation(names)
                     .invoke_async::<String>(&mut conn)
                     .await
             })
-            .await
-            .is_ok();
-        if !told {
-            let mut pending = inner.pending();
-            if pending.len() >= MAX_PENDING_PURGES {
-                pending.remove(0);
+        };
+        for _ in 0..3 {
+            match send().await {
+                Ok(_) => return true,
+                Err(NotRun::Failed) => break,
+                // Queued for replay, unless recovery opened the gate meanwhile (and may have
+                // replayed the queue already): then it is sent now.
+                Err(NotRun::Down) if !inner.queue_unless_open(names) => return false,
+                Err(NotRun::Down) => {}
             }
-            pending.push(names.clone());
         }
-        told
+        inner.queue(names);
+        false
     }
 
     /// Asks the global quota for one partner call. The script books the first slot free before
@@ -586,17 +593,17 @@ impl Inner {
             for (names, result) in pending.drain(..batch).zip(results) {
                 match result {
                     Ok(_) => {}
-                    Err(e)
-                        if means_down(&e)
-                            || e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                    {
-                        retry.push(names)
-                    }
-                    Err(e) => {
+                    Err(e) if refused_for_good(&e) => {
                         refused += 1;
                         self.metrics.error("purge");
-                        tracing::warn!(error = %e, "Redis refused a replayed purge: dropped");
+                        tracing::warn!(error = %e, "Redis refuses a purge for good: dropped");
+                    }
+                    // Lost connection, a fail-over (READONLY, MASTERDOWN), loading, out of
+                    // memory: kept for the next round.
+                    Err(e) => {
+                        self.metrics.error("purge");
+                        tracing::debug!(error = %e, "a replayed purge failed: kept for the next round");
+                        retry.push(names);
                     }
                 }
             }
@@ -611,6 +618,36 @@ impl Inner {
             "purges Redis could not be told of when they were made replayed"
         );
         true
+    }
+
+    /// Queues a purge for replay.
+    fn queue(&self, names: &EntryNames) {
+        let mut pending = self.pending();
+        if pending.len() >= MAX_PENDING_PURGES {
+            pending.remove(0);
+        }
+        pending.push(names.clone());
+    }
+
+    /// Queues a purge for replay while the gate is shut; `true` (and nothing queued) if it was
+    /// opened meanwhile. The gate opens under the same lock, so a purge is either queued before
+    /// the replay reads the queue or sent after the gate opened.
+    fn queue_unless_open(&self, names: &EntryNames) -> bool {
+        let mut pending = self.pending();
+        if self.purges_open.load(Ordering::SeqCst) {
+            return true;
+        }
+        if pending.len() >= MAX_PENDING_PURGES {
+            pending.remove(0);
+        }
+        pending.push(names.clone());
+        false
+    }
+
+    /// Opens the purge gate (under the queue's lock, see [`Self::queue_unless_open`]).
+    fn open_purges(&self) {
+        let _pending = self.pending();
+        self.purges_open.store(true, Ordering::SeqCst);
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Vec<EntryNames>> {
@@ -632,9 +669,11 @@ impl Inner {
     /// round replays them first).
     fn mark_up_if_replayed(&self) -> bool {
         let pending = self.pending();
-        if !pending.is_empty() {
+        // A purge that failed during the replay shut the gate: start over.
+        if !pending.is_empty() || !self.purges_open.load(Ordering::SeqCst) {
             return false;
         }
+        self.missed_heartbeats.store(0, Ordering::SeqCst);
         self.up.store(true, Ordering::SeqCst);
         drop(pending);
         self.metrics.transition(true);
@@ -844,6 +883,12 @@ fn new_pool(
         .collect()
 }
 
+/// Whether Redis refuses a command whatever the moment: a missing permission, or an error in
+/// the script itself. Anything else (a fail-over, loading, out of memory) may pass.
+fn refused_for_good(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("NOPERM" | "ERR" | "WRONGTYPE"))
+}
+
 /// Whether an error means the connection is gone (rather than a command Redis refused).
 fn means_down(e: &redis::RedisError) -> bool {
     e.is_io_error()
@@ -905,7 +950,7 @@ async fn recover(weak: Weak<Inner>) {
         }
         *inner.pool.write().unwrap_or_else(PoisonError::into_inner) = pool;
         inner.sync_clock().await;
-        inner.purges_open.store(true, Ordering::SeqCst);
+        inner.open_purges();
         // Purges that had already found the gate shut may still be joining the queue.
         for _ in 0..3 {
             if !inner.replay_purges().await || inner.mark_up_if_replayed() {
@@ -929,6 +974,7 @@ async fn subscribe(
     let mut last: Option<LogId> = None;
     // Memory was distrusted for the current gap in listening: once is enough.
     let mut distrusted = false;
+    let mut failed_catch_ups = 0;
     loop {
         let Some(inner) = weak.upgrade() else {
             return;
@@ -961,18 +1007,31 @@ async fn subscribe(
                 let budget = connect_timeout + command_timeout * 4;
                 let caught = inner.catch_up(last, initial, &mut distrusted, &on_purge);
                 match timeout(budget, caught).await {
-                    Ok(Ok(newest)) => last = Some(newest),
-                    _ => {
-                        // Listen anyway: what is announced from now on is heard, and what came
-                        // before is no longer trusted.
-                        if last.is_some() || !initial {
-                            let why = "the purge log could not be read";
-                            inner.distrust(&mut distrusted, &on_purge, why);
+                    Ok(Ok(newest)) => {
+                        last = Some(newest);
+                        failed_catch_ups = 0;
+                        Some(pubsub)
+                    }
+                    failure => {
+                        let for_good = matches!(&failure, Ok(Err(e)) if refused_for_good(e));
+                        failed_catch_ups += 1;
+                        if !for_good && failed_catch_ups < CATCH_UP_ATTEMPTS {
+                            // Redis still loading its data, or failing over: try again shortly
+                            // rather than give up what memory holds.
+                            None
+                        } else {
+                            // Listen anyway: what is announced from now on is heard, and what
+                            // came before is no longer trusted. `last` stays a lower bound for
+                            // the next catch-up.
+                            failed_catch_ups = 0;
+                            if last.is_some() || !initial {
+                                let why = "the purge log could not be read";
+                                inner.distrust(&mut distrusted, &on_purge, why);
+                            }
+                            Some(pubsub)
                         }
-                        last = None;
                     }
                 }
-                Some(pubsub)
             }
             _ => None,
         };

@@ -134,7 +134,7 @@ async fn concurrent_misses_for_one_email_call_the_partner_once() {
 async fn requests_after_a_purge_do_not_join_a_lookup_begun_before_it() {
     const EMAIL: &str = "moving@example.com";
     let app = spawn_app().await;
-    app.sim.set_fault(Some(EMAIL), Fault::Slow { ms: 500 });
+    app.sim.set_fault(Some(EMAIL), Fault::Slow { ms: 1_000 });
 
     let before = app.get_credentials(EMAIL);
     let after = async {

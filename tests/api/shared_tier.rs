@@ -921,9 +921,9 @@ async fn a_replica_that_cannot_read_the_log_listens_and_distrusts_once() {
 async fn a_store_that_arrives_past_its_window_does_not_land() {
     let redis = RedisServer::start().await;
     let (sim, partner) = start_partner().await;
-    // Store window: deadline + 2 command timeouts = 1.6 s.
+    // Store window: deadline + 2 command timeouts = 2.1 s.
     let a = spawn_instance(&sim, partner, &redis.url(), &key_file(), |s| {
-        s.upstream.deadline = Duration::from_millis(1_000);
+        s.upstream.deadline = Duration::from_millis(1_500);
         if let Some(redis) = s.redis.as_mut() {
             redis.command_timeout = Duration::from_millis(300);
         }
@@ -933,8 +933,8 @@ async fn a_store_that_arrives_past_its_window_does_not_land() {
     // Loads the store script and measures Redis's clock.
     assert_eq!(ok_status(&a, "warm@example.com").await, STORED);
 
-    // Once the lookup is at the partner, Redis stops serving anyone for 2.5 s.
-    sim.set_fault(Some("held@example.com"), Fault::Slow { ms: 300 });
+    // Once the lookup is at the partner (for 1 s), Redis stops serving anyone for 3.5 s.
+    sim.set_fault(Some("held@example.com"), Fault::Slow { ms: 1_000 });
     let patient = redis::AsyncConnectionConfig::new().set_response_timeout(None);
     let mut conn = redis::Client::open(redis.url())
         .expect("url")
@@ -946,7 +946,7 @@ async fn a_store_that_arrives_past_its_window_does_not_land() {
         assert!(called, "the lookup reached the partner");
         let script = "local function now() local t = redis.call('TIME') \
                       return t[1] * 1000000 + t[2] end \
-                      local stop = now() + 2500000 while now() < stop do end return 1";
+                      local stop = now() + 3500000 while now() < stop do end return 1";
         let _: i64 = redis::cmd("EVAL")
             .arg(script)
             .arg(0)
@@ -967,4 +967,45 @@ async fn a_store_that_arrives_past_its_window_does_not_land() {
         1,
         "only the warm-up entry: the late store was refused on Redis's clock"
     );
+}
+
+/// A purge Redis refuses for a while (a fail-over makes it read-only) is kept and replayed
+/// once Redis accepts writes again, not dropped.
+#[tokio::test]
+async fn a_purge_refused_during_a_fail_over_is_replayed() {
+    let redis = RedisServer::start().await;
+    let (a, b, sim) = spawn_pair(&redis, |_| {}).await;
+    ok_status(&a, "failover@example.com").await;
+    assert!(ok_status(&b, "failover@example.com")
+        .await
+        .starts_with("skypostal-proxy-shared; hit"));
+    assert_eq!(sim.calls(), 1);
+
+    // A replica of a primary that is not there: read-only, data kept.
+    redis.command(&["REPLICAOF", "127.0.0.1", "1"]).await;
+    assert_eq!(
+        a.purge("failover@example.com", ADMIN_KEY).await.status(),
+        204
+    );
+    // Refused when made, and again when replayed.
+    let refused_twice = eventually(Duration::from_secs(5), || async {
+        counter(
+            &metrics_text(&a).await,
+            "skypostal_proxy_shared_tier_errors_total{operation=\"purge\"}",
+        ) >= 2
+    })
+    .await;
+    assert!(refused_twice, "{}", metrics_text(&a).await);
+    redis.command(&["REPLICAOF", "NO", "ONE"]).await;
+
+    let gone = eventually(Duration::from_secs(5), || async {
+        entry_keys(&redis).await.is_empty()
+    })
+    .await;
+    assert!(gone, "the purge reached Redis once it took writes");
+    let b_dropped = eventually(Duration::from_secs(5), || async {
+        ok_status(&b, "failover@example.com").await == STORED
+    })
+    .await;
+    assert!(b_dropped, "and B heard of it");
 }
