@@ -99,9 +99,20 @@ struct Inner {
     purges_open: AtomicBool,
     /// Purges Redis could not be told of: replayed before the tier counts as up again, so an
     /// entry purged during an outage is not served from Redis afterwards.
-    pending_purges: Mutex<Vec<EntryNames>>,
+    pending_purges: Mutex<Vec<PendingPurge>>,
     metrics: SharedTierMetrics,
 }
+
+/// A purge Redis has not been told of yet.
+struct PendingPurge {
+    names: EntryNames,
+    /// Replays Redis refused so far.
+    refusals: u32,
+}
+
+/// Replays of a purge refused for a reason not known to pass before it is dropped (a minute at
+/// the default recovery interval).
+const MAX_UNKNOWN_REFUSALS: u32 = 60;
 
 /// Bound on purges remembered during an outage (the oldest are dropped beyond it).
 const MAX_PENDING_PURGES: usize = 10_000;
@@ -527,7 +538,10 @@ impl Inner {
 
     fn mark_down(&self, operation: &'static str, error: &str) {
         self.metrics.error(operation);
+        // Under the queue's lock, as the gate opens and the tier goes up.
+        let pending = self.pending();
         self.purges_open.store(false, Ordering::SeqCst);
+        drop(pending);
         if self.up.swap(false, Ordering::SeqCst) {
             self.metrics.transition(false);
             tracing::warn!(
@@ -552,9 +566,7 @@ impl Inner {
     }
 
     /// Tells Redis of the purges it could not be told of when they were made; `false` if some
-    /// are still pending (they are tried again on the next round). A purge Redis refuses (a
-    /// missing permission, out of memory) is dropped with a warning: trying it again every
-    /// round would only repeat the announcements of the others.
+    /// are still pending (they are tried again on the next round).
     async fn replay_purges(&self) -> bool {
         let mut pending = std::mem::take(&mut *self.pending());
         if pending.is_empty() {
@@ -572,13 +584,13 @@ impl Inner {
             self.keep_pending(pending);
             return false;
         }
-        let mut refused = 0;
+        let mut dropped = 0;
         while !pending.is_empty() {
             let batch = pending.len().min(REPLAY_BATCH);
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            for names in &pending[..batch] {
-                pipe.invoke_script(&self.purge_invocation(names));
+            for purge in &pending[..batch] {
+                pipe.invoke_script(&self.purge_invocation(&purge.names));
             }
             let sent = timeout(
                 self.command_timeout * 4,
@@ -590,21 +602,21 @@ impl Inner {
                 return false;
             };
             let mut retry = Vec::new();
-            for (names, result) in pending.drain(..batch).zip(results) {
-                match result {
-                    Ok(_) => {}
-                    Err(e) if refused_for_good(&e) => {
-                        refused += 1;
-                        self.metrics.error("purge");
-                        tracing::warn!(error = %e, "Redis refuses a purge for good: dropped");
-                    }
-                    // Lost connection, a fail-over (READONLY, MASTERDOWN), loading, out of
-                    // memory: kept for the next round.
-                    Err(e) => {
-                        self.metrics.error("purge");
-                        tracing::debug!(error = %e, "a replayed purge failed: kept for the next round");
-                        retry.push(names);
-                    }
+            for (mut purge, result) in pending.drain(..batch).zip(results) {
+                let Err(e) = result else { continue };
+                self.metrics.error("purge");
+                purge.refusals += 1;
+                let give_up = match refusal(&e) {
+                    Refusal::ForGood => true,
+                    Refusal::Passing => false,
+                    Refusal::Unknown => purge.refusals >= MAX_UNKNOWN_REFUSALS,
+                };
+                if give_up {
+                    dropped += 1;
+                    tracing::warn!(error = %e, "Redis refuses a purge for good: dropped");
+                } else {
+                    tracing::debug!(error = %e, "a replayed purge failed: kept for the next round");
+                    retry.push(purge);
                 }
             }
             if !retry.is_empty() {
@@ -614,7 +626,7 @@ impl Inner {
             }
         }
         tracing::info!(
-            purges = total - refused,
+            purges = total - dropped,
             "purges Redis could not be told of when they were made replayed"
         );
         true
@@ -623,10 +635,7 @@ impl Inner {
     /// Queues a purge for replay.
     fn queue(&self, names: &EntryNames) {
         let mut pending = self.pending();
-        if pending.len() >= MAX_PENDING_PURGES {
-            pending.remove(0);
-        }
-        pending.push(names.clone());
+        self.push_pending(&mut pending, names);
     }
 
     /// Queues a purge for replay while the gate is shut; `true` (and nothing queued) if it was
@@ -637,11 +646,27 @@ impl Inner {
         if self.purges_open.load(Ordering::SeqCst) {
             return true;
         }
+        self.push_pending(&mut pending, names);
+        false
+    }
+
+    fn push_pending(&self, pending: &mut Vec<PendingPurge>, names: &EntryNames) {
         if pending.len() >= MAX_PENDING_PURGES {
             pending.remove(0);
+            self.overflowed();
         }
-        pending.push(names.clone());
-        false
+        pending.push(PendingPurge {
+            names: names.clone(),
+            refusals: 0,
+        });
+    }
+
+    fn overflowed(&self) {
+        self.metrics.error("purge_overflow");
+        tracing::warn!(
+            max = MAX_PENDING_PURGES,
+            "too many purges waiting for Redis: the oldest is dropped"
+        );
     }
 
     /// Opens the purge gate (under the queue's lock, see [`Self::queue_unless_open`]).
@@ -650,18 +675,21 @@ impl Inner {
         self.purges_open.store(true, Ordering::SeqCst);
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<EntryNames>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<PendingPurge>> {
         self.pending_purges
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Puts purges not replayed back in front of those made meanwhile.
-    fn keep_pending(&self, mut not_replayed: Vec<EntryNames>) {
+    fn keep_pending(&self, mut not_replayed: Vec<PendingPurge>) {
         let mut pending = self.pending();
         not_replayed.append(&mut pending);
         let excess = not_replayed.len().saturating_sub(MAX_PENDING_PURGES);
-        not_replayed.drain(..excess);
+        if excess > 0 {
+            not_replayed.drain(..excess);
+            self.overflowed();
+        }
         *pending = not_replayed;
     }
 
@@ -883,15 +911,63 @@ fn new_pool(
         .collect()
 }
 
-/// Whether Redis refuses a command whatever the moment: a missing permission, or an error in
-/// the script itself. Anything else (a fail-over, loading, out of memory) may pass.
-fn refused_for_good(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("NOPERM" | "ERR" | "WRONGTYPE"))
+/// A server error's code and text, as Redis sent them.
+fn code_and_detail(e: &redis::RedisError) -> String {
+    format!(
+        "{} {}",
+        e.code().unwrap_or_default(),
+        e.detail().unwrap_or_default()
+    )
+}
+
+/// How lasting a refusal is.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// It will be refused again whatever the moment: a missing permission.
+    ForGood,
+    /// It may pass: a fail-over, loading, out of memory, a busy script.
+    Passing,
+    /// Anything else (a proxy's `ERR`, say): tried a bounded number of times.
+    Unknown,
+}
+
+/// Errors Redis returns for conditions that pass. Before Redis 7 an error inside a script
+/// came back as `ERR Error running script ...` with the real code in its text, so the text is
+/// searched, not only the code.
+const PASSING: [&str; 8] = [
+    "READONLY",
+    "MASTERDOWN",
+    "LOADING",
+    "OOM",
+    "BUSY",
+    "MISCONF",
+    "NOREPLICAS",
+    "TRYAGAIN",
+];
+
+fn refusal(e: &redis::RedisError) -> Refusal {
+    if matches!(e.code(), Some("NOPERM" | "WRONGTYPE")) {
+        return Refusal::ForGood;
+    }
+    let text = code_and_detail(e);
+    if PASSING.iter().any(|code| text.contains(code)) {
+        Refusal::Passing
+    } else {
+        Refusal::Unknown
+    }
+}
+
+/// Whether the node answering can no longer serve the tier: it became a replica (a fail-over
+/// left this connection on the old primary), or its primary is gone.
+fn node_demoted(e: &redis::RedisError) -> bool {
+    let text = code_and_detail(e);
+    text.contains("READONLY") || text.contains("MASTERDOWN")
 }
 
 /// Whether an error means the connection is gone (rather than a command Redis refused).
 fn means_down(e: &redis::RedisError) -> bool {
-    e.is_io_error()
+    node_demoted(e)
+        || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
@@ -1013,7 +1089,8 @@ async fn subscribe(
                         Some(pubsub)
                     }
                     failure => {
-                        let for_good = matches!(&failure, Ok(Err(e)) if refused_for_good(e));
+                        let for_good =
+                            matches!(&failure, Ok(Err(e)) if refusal(e) == Refusal::ForGood);
                         failed_catch_ups += 1;
                         if !for_good && failed_catch_ups < CATCH_UP_ATTEMPTS {
                             // Redis still loading its data, or failing over: try again shortly
@@ -1090,4 +1167,48 @@ fn set_subscribed(weak: &Weak<Inner>, metrics: &SharedTierMetrics, subscribed: b
         inner.subscribed.store(subscribed, Ordering::SeqCst);
     }
     metrics.subscribed(subscribed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error Redis would send as `-<line>`.
+    fn server_error(line: &str) -> redis::RedisError {
+        let value = redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .expect("an error frame parses");
+        value.extract_error().expect_err("an error")
+    }
+
+    #[test]
+    fn refusals_are_told_apart_by_how_long_they_last() {
+        assert_eq!(
+            refusal(&server_error("NOPERM no permission")),
+            Refusal::ForGood
+        );
+        assert_eq!(
+            refusal(&server_error("READONLY You can't write")),
+            Refusal::Passing
+        );
+        assert_eq!(
+            refusal(&server_error("LOADING loading the dataset")),
+            Refusal::Passing
+        );
+        assert_eq!(
+            refusal(&server_error("OOM command not allowed")),
+            Refusal::Passing
+        );
+        // Before Redis 7, an error inside a script keeps its real code in the text only.
+        let nested = server_error(
+            "ERR Error running script (call to f_1): @user_script:3: @user_script: 3: \
+             -READONLY You can't write against a read only replica.",
+        );
+        assert_eq!(refusal(&nested), Refusal::Passing);
+        assert!(node_demoted(&nested));
+        assert_eq!(
+            refusal(&server_error("ERR no upstream host")),
+            Refusal::Unknown
+        );
+        assert!(!node_demoted(&server_error("OOM command not allowed")));
+    }
 }
