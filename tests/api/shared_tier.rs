@@ -50,6 +50,27 @@ async fn spawn_pair(
     (a, b, sim)
 }
 
+/// A pair sharing `redis` and one partner, where A logs in as its own ACL user, `user`, with
+/// every permission but `denied` (such as `-subscribe`), and B as the default user. The caller
+/// waits for the states it expects.
+async fn spawn_pair_as(
+    redis: &RedisServer,
+    user: &str,
+    denied: &[&str],
+) -> (TestApp, TestApp, Simulator) {
+    let password = format!("{user}-pw");
+    let secret = format!(">{password}");
+    let mut acl = vec!["ACL", "SETUSER", user, "on", &secret, "~*", "&*", "+@all"];
+    acl.extend_from_slice(denied);
+    redis.command(&acl).await;
+    let (sim, partner) = start_partner().await;
+    let keys = key_file();
+    let url = redis.url_as(user, &password);
+    let a = spawn_instance(&sim, partner, &url, &keys, |_| {}).await;
+    let b = spawn_instance(&sim, partner, &redis.url(), &keys, |_| {}).await;
+    (a, b, sim)
+}
+
 /// One instance on Redis at `url`, sealing with the keys in `keys`.
 async fn spawn_instance(
     sim: &Simulator,
@@ -278,6 +299,16 @@ async fn the_partner_quota_holds_across_instances() {
         "{script_calls} script calls for {decisions} quota decisions and {stores} stores"
     );
     assert!(waited > 0, "lookups waited for booked slots");
+}
+
+/// Whether `app` stops answering `email` from memory within 5 s (a purge reached it).
+async fn drops_from_memory(app: &TestApp, email: &str) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        !ok_status(app, email)
+            .await
+            .starts_with("skypostal-proxy; hit")
+    })
+    .await
 }
 
 /// An instance's `/metrics` text.
@@ -511,12 +542,7 @@ async fn a_purge_during_an_outage_is_replayed_on_recovery() {
     .await;
     assert!(gone, "the purge reached Redis after the outage");
     assert_eq!(ok_status(&a, "paused@example.com").await, STORED);
-    let b_dropped = eventually(Duration::from_secs(5), || async {
-        !ok_status(&b, "paused@example.com")
-            .await
-            .starts_with("skypostal-proxy; hit")
-    })
-    .await;
+    let b_dropped = drops_from_memory(&b, "paused@example.com").await;
     assert!(b_dropped, "the replayed announcement reached B");
 }
 
@@ -526,30 +552,7 @@ async fn a_purge_during_an_outage_is_replayed_on_recovery() {
 async fn a_lookup_running_during_a_purge_elsewhere_does_not_write_it_back() {
     let redis = RedisServer::start().await;
     // A may not subscribe, so the purge announcement never stops its lookup.
-    redis
-        .command(&[
-            "ACL",
-            "SETUSER",
-            "deaf",
-            "on",
-            ">deaf-pw",
-            "~*",
-            "&*",
-            "+@all",
-            "-subscribe",
-        ])
-        .await;
-    let (sim, partner) = start_partner().await;
-    let keys = key_file();
-    let a = spawn_instance(
-        &sim,
-        partner,
-        &redis.url_as("deaf", "deaf-pw"),
-        &keys,
-        |_| {},
-    )
-    .await;
-    let b = spawn_instance(&sim, partner, &redis.url(), &keys, |_| {}).await;
+    let (a, b, sim) = spawn_pair_as(&redis, "deaf", &["-subscribe"]).await;
     wait_for_tier(&a, "up", false).await;
     wait_for_tier(&b, "up", true).await;
 
@@ -581,17 +584,11 @@ async fn a_lookup_running_during_a_purge_elsewhere_does_not_write_it_back() {
 }
 
 /// A replica whose subscription was down while another purged catches up from the purge log
-/// when it subscribes again; one that missed more than the log holds clears its memory.
+/// when it subscribes again; one whose log cannot vouch for what it missed distrusts its memory.
 #[tokio::test]
 async fn a_replica_that_missed_purges_catches_up_when_it_resubscribes() {
     let redis = RedisServer::start().await;
-    redis
-        .command(&["ACL", "SETUSER", "a", "on", ">a-pw", "~*", "&*", "+@all"])
-        .await;
-    let (sim, partner) = start_partner().await;
-    let keys = key_file();
-    let a = spawn_instance(&sim, partner, &redis.url_as("a", "a-pw"), &keys, |_| {}).await;
-    let b = spawn_instance(&sim, partner, &redis.url(), &keys, |_| {}).await;
+    let (a, b, sim) = spawn_pair_as(&redis, "a", &[]).await;
     for app in [&a, &b] {
         wait_for_tier(app, "up", true).await;
     }
@@ -749,12 +746,7 @@ async fn connections_that_go_silent_are_replaced() {
         .await
         .starts_with("skypostal-proxy; hit"));
     assert_eq!(b.purge("back@example.com", ADMIN_KEY).await.status(), 204);
-    let dropped = eventually(Duration::from_secs(5), || async {
-        !ok_status(&a, "back@example.com")
-            .await
-            .starts_with("skypostal-proxy; hit")
-    })
-    .await;
+    let dropped = drops_from_memory(&a, "back@example.com").await;
     assert!(dropped, "A hears purges again");
 }
 
@@ -852,31 +844,7 @@ async fn a_replica_cut_off_while_redis_lost_its_purge_log_trusts_nothing() {
 #[tokio::test]
 async fn a_replica_that_cannot_read_the_log_listens_and_distrusts_once() {
     let redis = RedisServer::start().await;
-    redis
-        .command(&[
-            "ACL",
-            "SETUSER",
-            "blind",
-            "on",
-            ">blind-pw",
-            "~*",
-            "&*",
-            "+@all",
-            "-xrange",
-            "-xrevrange",
-        ])
-        .await;
-    let (sim, partner) = start_partner().await;
-    let keys = key_file();
-    let a = spawn_instance(
-        &sim,
-        partner,
-        &redis.url_as("blind", "blind-pw"),
-        &keys,
-        |_| {},
-    )
-    .await;
-    let b = spawn_instance(&sim, partner, &redis.url(), &keys, |_| {}).await;
+    let (a, b, _sim) = spawn_pair_as(&redis, "blind", &["-xrange", "-xrevrange"]).await;
     for app in [&a, &b] {
         wait_for_tier(app, "up", true).await;
     }
