@@ -388,8 +388,8 @@ impl SharedTierMetrics {
         self.stores.get_or_create(&[("outcome", outcome)]).inc();
     }
 
-    /// A resubscription caught up from the purge log (`replayed`) or had to clear the
-    /// in-memory cache (`cleared`).
+    /// A resubscription caught up from the purge log (`replayed`) or had to stop trusting the
+    /// in-memory cache (`distrusted`).
     pub fn catch_up(&self, outcome: &'static str) {
         self.catch_ups.get_or_create(&[("outcome", outcome)]).inc();
     }

@@ -8,7 +8,7 @@
 //! 1. `edge` — assigns the request id first, so everything after it (including the problem
 //!    bodies of errors raised by inner layers) can carry it; opens the request's span (debug level,
 //!    free when filtered out); refuses a declared body over 16 KiB (no route takes one); bounds the
-//!    request with `server.request_timeout_ms`; renders every [`Problem`] as
+//!    request with `server.request_timeout_ms`; renders every [`Problem`](crate::error::Problem) as
 //!    `application/problem+json`; adds `x-request-id` and `Cache-Control: no-store` to every
 //!    response; counts and logs the outcome. One layer for all of this, because each separate layer
 //!    costs on every request.

@@ -3,16 +3,16 @@
 //! this exists.
 //!
 //! Redis is a helper, never a dependency. Every command is bounded by `redis.command_timeout_ms`;
-//! the first failure marks the tier down (a metric and one log line), after which commands are
-//! not even tried: lookups go to the partner, the quota falls back to the local limiter, and
-//! readiness stays green. A background task pings Redis every `redis.recovery_interval_ms` and
-//! marks the tier up again (a metric and one log line) once every connection answers.
+//! the first lost connection or timeout marks the tier down (a metric and one log line), after
+//! which commands are not even tried: lookups go to the partner, the quota falls back to the
+//! local limiter, and readiness stays green. Every `redis.recovery_interval_ms` a background
+//! task either beats (an up tier) or opens fresh connections and, once every one answers and the
+//! purges made meanwhile are replayed, marks the tier up again (a metric and one log line).
 //!
 //! What reaches Redis is sealed first (see [`seal`]): keys are keyed hashes, values are encrypted
 //! and authenticated, and the purge channel carries only hashes.
-
 //!
-//! Purges are made so that none is lost or undone (see [`purge`]): a tombstone stops a lookup
+//! Purges are made so that none is lost or undone (see the `purge` module): a tombstone stops a lookup
 //! already running anywhere from writing the old answer back, and a replica that was not
 //! listening catches up from a purge log when it subscribes again.
 
@@ -227,9 +227,8 @@ impl SharedTier {
         Ok(tier)
     }
 
-    /// Connects and subscribes (bounded by two `redis.connect_timeout_ms` plus five command
-    /// timeouts when Redis does not answer at all), then starts the recovery task beside the
-    /// purge subscriber, which calls `on_purge` for every purge another replica makes. Redis
+    /// Connects and subscribes (waiting at most two `redis.connect_timeout_ms` plus five
+    /// command timeouts), then starts the recovery task beside the purge subscriber, which calls `on_purge` for every purge another replica makes. Redis
     /// being unreachable here is logged, not fatal: the tier starts down and recovers.
     pub async fn start(&self, on_purge: impl Fn(Purged<'_>) + Send + Sync + 'static) {
         let weak = Arc::downgrade(&self.inner);
