@@ -70,9 +70,14 @@ impl Clock {
     }
 }
 
-/// The wall clock in Unix milliseconds (0 if it reads before 1970).
-fn unix_now_ms() -> u64 {
+/// The wall clock since the Unix epoch (zero if it reads before 1970).
+pub(crate) fn unix_now() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+/// The wall clock in Unix milliseconds.
+fn unix_now_ms() -> u64 {
+    u64::try_from(unix_now().as_millis()).unwrap_or(u64::MAX)
 }

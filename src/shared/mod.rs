@@ -132,7 +132,6 @@ const REPLAY_BATCH: usize = 100;
 pub struct EntryNames {
     digests: Vec<[u8; DIGEST]>,
     keys: Vec<String>,
-    tombstones: Vec<String>,
 }
 
 impl EntryNames {
@@ -284,17 +283,8 @@ impl SharedTier {
         let digests: Vec<_> = (0..inner.sealer.len())
             .map(|i| inner.sealer.digest(i, email.as_str()))
             .collect();
-        let named = |kind: &str| {
-            digests
-                .iter()
-                .map(|d| format!("{}{kind}:{}", inner.prefix, URL_SAFE_NO_PAD.encode(d)))
-                .collect()
-        };
-        EntryNames {
-            keys: named("v1"),
-            tombstones: named("t"),
-            digests,
-        }
+        let keys = digests.iter().map(|d| inner.name("v1", d)).collect();
+        EntryNames { digests, keys }
     }
 
     /// Reads an entry: the first name that holds a value this instance can open. `None` on a
@@ -371,9 +361,10 @@ impl SharedTier {
         } else {
             0
         };
-        let (Some(key), Some(tombstone)) = (names.keys.first(), names.tombstones.first()) else {
+        let (Some(key), Some(digest)) = (names.keys.first(), names.digests.first()) else {
             return;
         };
+        let tombstone = inner.name("t", digest);
         let Some(sealed) = inner.sealer.seal(key.as_bytes(), plaintext) else {
             return;
         };
@@ -383,7 +374,7 @@ impl SharedTier {
                 inner
                     .store_script
                     .key(key)
-                    .key(tombstone)
+                    .key(&tombstone)
                     .arg(sealed)
                     .arg(ttl_ms)
                     .arg(latest_us)
@@ -493,29 +484,28 @@ impl Inner {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>> + 'a,
     {
-        let inner = self;
         if !open.load(Ordering::SeqCst) {
             return Err(NotRun::Down);
         }
-        let Some(conn) = inner.conn() else {
+        let Some(conn) = self.conn() else {
             return Err(NotRun::Down);
         };
-        match timeout(inner.command_timeout, command(conn)).await {
+        match timeout(self.command_timeout, command(conn)).await {
             Ok(Ok(value)) => Ok(value),
             // Only a lost or silent connection means Redis is down; a command Redis refused
             // (no permission, out of memory, read-only replica) is counted and logged, or the
             // tier would flap between down and a successful PING.
             Ok(Err(e)) if means_down(&e) => {
-                inner.mark_down(operation, &e.to_string());
+                self.mark_down(operation, &e.to_string());
                 Err(NotRun::Failed)
             }
             Ok(Err(e)) => {
-                inner.metrics.error(operation);
+                self.metrics.error(operation);
                 tracing::warn!(operation, error = %e, "Redis refused a shared-tier command");
                 Err(NotRun::Failed)
             }
             Err(_) => {
-                inner.mark_down(operation, "timed out");
+                self.mark_down(operation, "timed out");
                 Err(NotRun::Failed)
             }
         }
@@ -551,11 +541,18 @@ impl Inner {
         }
     }
 
+    /// The Redis name of one of an entry's keys: `v1` for its value, `t` for its tombstone
+    /// (named only when a store or a purge needs it, not on every lookup).
+    fn name(&self, kind: &str, digest: &[u8; DIGEST]) -> String {
+        format!("{}{kind}:{}", self.prefix, URL_SAFE_NO_PAD.encode(digest))
+    }
+
     /// The purge script's call for one entry.
     fn purge_invocation(&self, names: &EntryNames) -> redis::ScriptInvocation<'_> {
+        let tombstones: Vec<_> = names.digests.iter().map(|d| self.name("t", d)).collect();
         let mut call = self.purge_script.key(&self.log_key);
         call.key(&names.keys)
-            .key(&names.tombstones)
+            .key(tombstones)
             .arg(self.tombstone_ms)
             .arg(purge::LOG_LEN)
             .arg(names.digests.concat())
@@ -975,9 +972,7 @@ fn means_down(e: &redis::RedisError) -> bool {
 
 /// This host's wall clock in microseconds since the Unix epoch.
 fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, micros)
+    micros(crate::clock::unix_now())
 }
 
 fn micros(d: Duration) -> u64 {
